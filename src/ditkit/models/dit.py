@@ -1,0 +1,310 @@
+"""DiT: "Scalable Diffusion Models with Transformers" (Peebles & Xie, ICCV 2023).
+
+Patchify -> transformer blocks conditioned on timestep + class -> final layer -> unpatchify.
+State-dict keys match the original implementation, so its released checkpoints load unchanged.
+The four conditioning designs of the paper's Figure 3 are selected by `block=`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ditkit.models.layers import (
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    sincos_2d,
+    to_2tuple,
+)
+from ditkit.models.pretrained import PretrainedMixin
+
+BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+
+
+def _norm(hidden_size: int, affine: bool) -> nn.LayerNorm:
+    return nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+
+
+def _init_linears(module: nn.Module) -> None:
+    """The transformer default: xavier-uniform weights, zero biases, for every Linear inside `module`."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: shift, scale and a gate for each residual branch, regressed from c = t + y;
+    the regression is zero-initialised so every block starts as the identity."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(hidden_size, affine=False)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size, affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        _init_linears(self)
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x (N, T, D), c (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class AdaLNBlock(nn.Module):
+    """adaLN block (paper's Fig. 3, without "-Zero"): shift and scale regressed from c = t + y,
+    no gates, ordinary initialisation."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(hidden_size, affine=False)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size, affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
+        _init_linears(self)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x (N, T, D), c (N, D)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class CrossAttentionBlock(nn.Module):
+    """Standard pre-LN ViT block with a cross-attention layer after self-attention; the image tokens
+    attend to the length-2 sequence [t, y] (paper's Fig. 3, "Cross-Attention")."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(hidden_size, affine=True)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = _norm(hidden_size, affine=True)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size, affine=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        _init_linears(self)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x (N, T, D), c (N, 2, D)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm_cross(x), c)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class InContextBlock(nn.Module):
+    """Standard pre-LN ViT block, unmodified: t and y enter as two extra tokens of the sequence
+    (paper's Fig. 3, "In-Context Conditioning")."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(hidden_size, affine=True)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size, affine=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        _init_linears(self)
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:  # x (N, 2 + T, D)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+_BLOCK_CLASSES = {
+    "adaln_zero": DiTBlock,
+    "adaln": AdaLNBlock,
+    "cross_attn": CrossAttentionBlock,
+    "in_context": InContextBlock,
+}
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear decoder to p * p * out_channels values per token;
+    zero-initialised so the untrained model predicts zero."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = _norm(hidden_size, affine=False)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        for layer in (self.linear, self.adaLN_modulation[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(PretrainedMixin, nn.Module):
+    """Diffusion Transformer, class-conditional.
+
+    `forward(x, t, y)`: x (N, C, H, W) noisy input, t (N,) timesteps (0..1000 units, may be fractional),
+    y (N,) class labels in 0..num_classes-1 (num_classes = null label, when label dropout is enabled).
+    Returns (N, out_channels, H, W): the prediction, followed by C variance channels when `learn_sigma`.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        block: str = "adaln_zero",
+    ):
+        super().__init__()
+        if block not in _BLOCK_CLASSES:
+            raise ValueError(f"unknown block {block!r}: expected one of {', '.join(BLOCKS)}")
+        H, W = to_2tuple(input_size)
+        if H % patch_size or W % patch_size:
+            raise ValueError(f"input_size {(H, W)} is not divisible by patch_size {patch_size}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
+        self.config = dict(
+            input_size=input_size if isinstance(input_size, int) else [H, W],
+            patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma, block=block,
+        )
+        self.input_size = (H, W)
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.block = block
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed, not learned; a Parameter (not a buffer) because the original checkpoints store it.
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, self.grid_size)).unsqueeze(0))
+        self.blocks = nn.ModuleList(
+            [_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+    # ----------------------------------------------------------------------------------------
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, T, p * p * C) -> (N, C, H, W)."""
+        p, C = self.patch_size, self.out_channels
+        h, w = self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], C, h * p, w * p)
+
+    def check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
+        """Raise ValueError naming what was expected when x, t or y do not fit this model."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.input_size:
+            H, W = x.shape[-2:]
+            p = self.patch_size
+            why = f" (and {H}x{W} is not divisible by patch size {p})" if H % p or W % p else ""
+            raise ValueError(f"x is {H}x{W} but this model was built for input_size {self.input_size}{why}")
+        N = x.shape[0]
+        if t.ndim != 1 or t.shape[0] != N:
+            raise ValueError(f"t must be a 1-D tensor of {N} timesteps (one per sample), got shape {tuple(t.shape)}")
+        if y.ndim != 1 or y.shape[0] != N:
+            raise ValueError(f"y must be a 1-D tensor of {N} labels (one per sample), got shape {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if N and y.device.type != "meta" and not torch.compiler.is_compiling():
+            top = self.num_classes if self.y_embedder.dropout_prob > 0 else self.num_classes - 1
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi > top:
+                null = (f"; {self.num_classes} is the null label" if top == self.num_classes
+                        else "; this model has no null label (class_dropout_prob = 0)")
+                raise ValueError(f"labels must be in 0..{top}{null}; got values in {lo}..{hi}")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        self.check_inputs(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        t_emb = self.t_embedder(t)  # (N, D)
+        y_emb = self.y_embedder(y, self.training)  # (N, D)
+        c = t_emb + y_emb
+        if self.block == "in_context":
+            x = torch.cat([t_emb.unsqueeze(1), y_emb.unsqueeze(1), x], dim=1)  # (N, 2 + T, D)
+            block_cond = None
+        elif self.block == "cross_attn":
+            block_cond = torch.stack([t_emb, y_emb], dim=1)  # (N, 2, D)
+        else:
+            block_cond = c
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, block_cond, use_reentrant=False)
+            else:
+                x = block(x, block_cond)
+        if self.block == "in_context":
+            x = x[:, 2:]
+        x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = None
+    ) -> Tensor:
+        """Classifier-free guidance in one batched pass, as the original's sampling loop expects.
+
+        The batch is [conditional half; unconditional half]; only the first half of `x` is used.
+        The prediction channels are guided: eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond),
+        on the first `guided_channels` of them (None: all `in_channels`; 3 reproduces the original,
+        which guides three channels); the remaining channels (incl. learned variance) pass through.
+        The guided half is returned in both halves of the batch.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        g = self.in_channels if guided_channels is None else guided_channels
+        if not 0 < g <= self.out_channels:
+            raise ValueError(f"guided_channels must be in 1..{self.out_channels}, got {guided_channels}")
+        eps, rest = out[:, :g], out[:, g:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The zoo: the paper's Table 1 configurations x patch sizes 2, 4, 8.
+# --------------------------------------------------------------------------------------------
+
+ZOO_CONFIGS: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+ZOO: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{p}": dict(cfg, patch_size=p) for size, cfg in ZOO_CONFIGS.items() for p in (2, 4, 8)
+}
+
+
+def list_models() -> list[str]:
+    """Names of the model zoo, e.g. "DiT-XL/2"."""
+    return list(ZOO)
+
+
+def create_model(name: str, **overrides) -> DiT:
+    """Build a zoo model ("DiT-S/2" ... "DiT-XL/8"); keyword overrides replace any constructor argument
+    (defaults are the paper's ImageNet-256 latent setting: 32x32x4 input, 1000 classes, learned sigma)."""
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(ZOO)}")
+    return DiT(**{**ZOO[name], **overrides})

@@ -1,0 +1,187 @@
+"""Building blocks shared by ditkit's transformers: patch embedding, fixed sin-cos positions,
+timestep and label embedders, attention, MLP and adaLN modulation.
+
+Parameter names follow the original DiT so its checkpoints load unchanged
+(`proj`, `mlp.0`/`mlp.2`, `embedding_table`, `qkv`, `fc1`/`fc2`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`32 -> (32, 32)`; `(16, 24) -> (16, 24)`."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"expected an int or an (H, W) pair, got {size!r}")
+    return size  # type: ignore[return-value]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, with per-sample (N, D) shift/scale broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed sin-cos positions (Vaswani et al.; 2D as in MAE/DiT: first half of the channels encodes the
+# column coordinate, second half the row coordinate; tokens in row-major order).
+# --------------------------------------------------------------------------------------------
+
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim) as [sin(pos * w), cos(pos * w)], w = 10000^(-2i/embed_dim)."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int]) -> np.ndarray:
+    """Positions for an (h, w) token grid -> (h * w, embed_dim) float32, row-major tokens."""
+    if embed_dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    h, w = to_2tuple(grid_size)
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+    return emb.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Patchify: (N, C, H, W) -> (N, T, D), T = (H / p) * (W / p), one linear map per p x p patch."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        # A conv with stride = kernel is a linear layer on flattened patches: initialise it as one.
+        nn.init.xavier_uniform_(self.proj.weight.view(hidden_size, -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, D): sinusoidal frequencies, then a 2-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """(N,) possibly fractional timesteps -> (N, dim) as [cos(t * f), sin(t * f)], f = max_period^(-i/half)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D). Row `num_classes` is the null label used for classifier-free guidance;
+    it exists only when label dropout is enabled (as in the original), and training drops labels to it."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        """Replace labels by the null label with probability `dropout_prob` (or where force_drop_ids == 1)."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer layers
+# --------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, computed by PyTorch's SDPA
+    (flash / memory-efficient kernels where the device has them)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D / heads)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from tokens x (N, T, D) to a context (N, L, D), via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` (N, L) bool, True where the context token is real; padded tokens get no attention."""
+        N, T, D = x.shape
+        L, H = context.shape[1], self.num_heads
+        q = self.q(x).reshape(N, T, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).reshape(N, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU (tanh approximation, as DiT) -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -237,11 +237,13 @@ class DiT(PretrainedMixin, nn.Module):
                         else "; this model has no null label (class_dropout_prob = 0)")
                 raise ValueError(f"labels must be in 0..{top}{null}; got values in {lo}..{hi}")
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        """`force_drop_ids` (N,), 1 where the label is replaced by the null label: lets a trainer draw label
+        dropout from its own seeded generator instead of the global RNG."""
         self.check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t_emb = self.t_embedder(t)  # (N, D)
-        y_emb = self.y_embedder(y, self.training)  # (N, D)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t_emb + y_emb
         if self.block == "in_context":
             x = torch.cat([t_emb.unsqueeze(1), y_emb.unsqueeze(1), x], dim=1)  # (N, 2 + T, D)

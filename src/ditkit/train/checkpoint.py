@@ -1,0 +1,224 @@
+"""Training checkpoints: one directory per saved step, written whole into a temp directory and renamed,
+so a crash never leaves a half checkpoint; checksums catch files damaged afterwards.
+
+    OUT/checkpoints/step_00001000/
+        config.json              model constructor (DiT.from_pretrained reads it)
+        run.json                 the TrainConfig and data facts (class names, channels, size)
+        model.safetensors        weights
+        ema.safetensors          EMA weights
+        train_state.safetensors  optimizer, grad scaler, step, data position, every RNG state
+        checksums.json           sha256 of each file above
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CHECKPOINTS = "checkpoints"
+FILES = ("config.json", "run.json", "model.safetensors", "ema.safetensors", "train_state.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated, corrupt, or from another run)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states as tensors (safetensors holds tensors only)
+# ------------------------------------------------------------------------------------------------
+
+def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, Tensor]:
+    """Every RNG the run uses: torch (CPU, CUDA), numpy, Python, and the named generators."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = state
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    out["rng.numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    out["rng.numpy.extra"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+    out["rng.numpy.cached"] = torch.tensor([cached], dtype=torch.float64)
+    version, internal, gauss = random.getstate()
+    out["rng.python"] = torch.tensor(list(internal), dtype=torch.int64)
+    out["rng.python.gauss"] = torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64)
+    for name, gen in generators.items():
+        out[f"rng.gen.{name}"] = gen.get_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, Tensor], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    pos, has_gauss = tensors["rng.numpy.extra"].tolist()
+    np.random.set_state(("MT19937", tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(tensors["rng.numpy.cached"][0])))
+    gauss = float(tensors["rng.python.gauss"][0])
+    random.setstate((3, tuple(tensors["rng.python"].tolist()), None if np.isnan(gauss) else gauss))
+    for name, gen in generators.items():
+        gen.set_state(tensors[f"rng.gen.{name}"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer state (a nested dict keyed by parameter name) <-> flat tensors + JSON
+# ------------------------------------------------------------------------------------------------
+
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for name, slots in state["state"].items():
+        for slot, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"opt.{name}.{slot}"] = value
+            else:
+                scalars[f"{name}.{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            name, slot = key[4:].rsplit(".", 1)
+            state.setdefault(name, {})[slot] = value
+    for key, value in meta["scalars"].items():
+        name, slot = key.rsplit(".", 1)
+        state.setdefault(name, {})[slot] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / find / load
+# ------------------------------------------------------------------------------------------------
+
+def step_dir(out: Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    step: int,
+    model_config: dict[str, Any],
+    run_info: dict[str, Any],
+    model_state: dict[str, Tensor],
+    ema_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    extra_state: dict[str, Any],
+    rng: dict[str, Tensor],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` under OUT/checkpoints atomically and delete all but the newest `keep_last`."""
+    final = step_dir(Path(out), step)
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    (tmp / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    save_file(_cpu(model_state), str(tmp / "model.safetensors"))
+    save_file(_cpu(ema_state), str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
+    meta = {"optimizer": opt_meta, **extra_state}
+    save_file(_cpu({**opt_tensors, **rng}), str(tmp / "train_state.safetensors"),
+              metadata={"ditkit": json.dumps(meta)})
+    (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in FILES}, indent=2) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(Path(out))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first."""
+    folder = Path(out) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError if a file is missing or its checksum differs (truncated or damaged)."""
+    sums_path = path / "checksums.json"
+    if not sums_path.is_file():
+        raise CheckpointError(f"{path} has no checksums.json (incomplete checkpoint)")
+    try:
+        sums = json.loads(sums_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{sums_path} is corrupt: {err}") from None
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if _sha256(f) != sums.get(name):
+            raise CheckpointError(f"{f} is truncated or corrupt (checksum mismatch)")
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of run OUT that verifies; damaged newer ones are reported and skipped."""
+    for path in reversed(list_checkpoints(Path(out))):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            warnings.warn(f"skipping checkpoint: {err}; using the previous one", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (-> its newest good checkpoint) or a checkpoint directory itself."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"no usable checkpoint in {path}: expected a run directory with "
+                              f"{CHECKPOINTS}/step_*/ or a checkpoint directory with config.json and model.safetensors")
+    return found
+
+
+def load_train_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, metadata) of train_state.safetensors."""
+    file = path / "train_state.safetensors"
+    try:
+        tensors = load_file(str(file))
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            meta = json.loads(f.metadata()["ditkit"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} cannot be read: {err}") from None
+    return tensors, meta
+
+
+def load_weights(path: Path, name: str) -> dict[str, Tensor]:
+    file = path / name
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file} cannot be read: {err}") from None

@@ -1,0 +1,153 @@
+"""The training configuration: one dataclass, loadable from YAML and `key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "mnist"                 # "mnist", "patterns", or a directory of images
+    image_size: int | None = None       # None: the data source's default (32)
+    channels: int | None = None         # None: the data source's default (mnist 1, others 3)
+    unconditional: bool = False         # ignore class labels (null label only)
+    # model: a zoo name ("DiT-S/2") or "custom" with the fields below; `model_args` overrides either
+    model: str = "custom"
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    block: str = "adaln_zero"
+    class_dropout_prob: float = 0.1
+    model_args: dict[str, Any] = field(default_factory=dict)
+    # objective
+    objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
+    timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
+    # optimisation
+    steps: int = 2000
+    minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
+    batch_size: int = 128               # global batch (split across processes)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
+    precision: str = "bf16"             # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
+    compile: bool = False
+    grad_checkpoint: bool = False
+    fsdp: bool = False                  # with torchrun: FSDP2 fully_shard instead of DDP
+    seed: int = 0
+    # output
+    out: str = "runs/demo"
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0               # 0: only at the end
+    tensorboard: bool = False
+    # the sample grid written at the end (and every sample_every steps)
+    sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
+    sample_steps: int | None = None     # None: the sampler's default
+    cfg_scale: float = 1.5
+    samples_per_class: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # fields whose change makes a run a different run (resume refuses them)
+    @staticmethod
+    def identity_keys() -> tuple[str, ...]:
+        return ("data", "image_size", "channels", "unconditional", "model", "hidden_size", "depth", "num_heads",
+                "patch_size", "mlp_ratio", "block", "class_dropout_prob", "model_args", "objective",
+                "timestep_sampling", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
+                "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp")
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse a `key=value` override according to the field's declared type."""
+    fields = _field_types()
+    kind = str(fields[key].type)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    if kind.startswith("bool"):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} expects true or false, got {text!r}")
+    if kind.startswith("dict"):
+        return json.loads(text)
+    for cast, name in ((int, "int"), (float, "float")):
+        if kind.startswith(name):
+            try:
+                return cast(text)
+            except ValueError:
+                raise ValueError(f"{key} expects {'an' if name == 'int' else 'a'} {name}, got {text!r}") from None
+    return text
+
+
+def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                 assignments: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML/JSON file <- `overrides` (already typed, e.g. from CLI flags) <- `key=value` strings."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text()) or {}
+        else:
+            loaded = json.loads(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for item in assignments or []:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in _field_types():
+            raise ValueError(unknown_keys_message([key]))
+        values[key] = parse_value(key, text)
+    unknown = [k for k in values if k not in _field_types()]
+    if unknown:
+        raise ValueError(unknown_keys_message(unknown))
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def unknown_keys_message(keys: list[str]) -> str:
+    return f"unknown config key(s) {', '.join(map(repr, keys))}; the keys are: {', '.join(_field_types())}"
+
+
+def validate(c: TrainConfig) -> None:
+    """Reject settings that cannot work, before anything is built or written."""
+    choices = {"objective": ("flow", "ddpm"), "precision": ("fp32", "bf16", "fp16"),
+               "timestep_sampling": ("uniform", "logit_normal")}
+    for key, allowed in choices.items():
+        if getattr(c, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
+    positive = ("steps", "batch_size", "save_every", "keep_last", "log_every", "samples_per_class")
+    for key in positive:
+        if getattr(c, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
+    if c.minutes is not None and c.minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {c.minutes}")
+    if c.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {c.lr}")
+    if not 0 <= c.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")

@@ -1,0 +1,347 @@
+"""The training loop, top to bottom: data -> objective -> model -> loss -> AdamW + EMA -> checkpoints.
+
+All randomness of a step (data order, flips, label dropout, timesteps, noise) comes from one seeded
+generator drawn for the *global* batch, and each process takes its slice: one process and N processes
+see the same numbers, and a resumed run continues bit-identically.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ditkit.data import ImageDataset, load_dataset, random_hflip
+from ditkit.diffusion import FlowMatching, create_diffusion
+from ditkit.images import save_comparison, save_loss_curve
+from ditkit.io import write_json_atomic, write_text_atomic
+from ditkit.models import DiT, create_model
+from ditkit.sampling import sample
+from ditkit.train import checkpoint as ckpt
+from ditkit.train import distributed
+from ditkit.train.config import TrainConfig
+from ditkit.train.ema import EMA
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+    skipped_steps: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders: each turns config fields into one object
+# ------------------------------------------------------------------------------------------------
+
+def build_dataset(c: TrainConfig, split: str = "train") -> ImageDataset:
+    return load_dataset(c.data, image_size=c.image_size, channels=c.channels, split=split,
+                        unconditional=c.unconditional)
+
+
+def build_objective(objective: str, timestep_sampling: str = "logit_normal"):
+    """"flow": rectified flow (velocity prediction); "ddpm": the original DiT recipe (1000 linear-beta
+    steps, epsilon prediction, learned sigma, hybrid loss)."""
+    if objective == "flow":
+        return FlowMatching(timestep_sampling=timestep_sampling)
+    if objective == "ddpm":
+        return create_diffusion("", learn_sigma=True)
+    raise ValueError(f"unknown objective {objective!r}: expected flow or ddpm")
+
+
+def model_kwargs(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
+    return dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes,
+                learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob, **c.model_args)
+
+
+def build_model(c: TrainConfig, data: ImageDataset) -> DiT:
+    kwargs = model_kwargs(c, data)
+    if c.model == "custom":
+        arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
+                    mlp_ratio=c.mlp_ratio, block=c.block)
+        return DiT(**{**arch, **kwargs})
+    return create_model(c.model, **{"block": c.block, **kwargs})
+
+
+def lr_at(c: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
+        return torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data order: a fresh permutation per epoch from (seed, epoch), so the position alone is the state
+# ------------------------------------------------------------------------------------------------
+
+class EpochSampler:
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def next(self) -> Tensor:
+        """Indices of the next global batch; an epoch's tail is completed from the next epoch."""
+        idx = []
+        while len(idx) < self.batch_size:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            take = min(self.batch_size - len(idx), self.n - self.position)
+            idx.append(self._perm[self.position:self.position + take])
+            self.position += take
+        return torch.cat(idx)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def draw_timesteps(objective, n: int, generator: torch.Generator) -> Tensor:
+    if isinstance(objective, FlowMatching):
+        return objective.sample_t(n, generator=generator)
+    return torch.randint(0, objective.num_timesteps, (n,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output files
+# ------------------------------------------------------------------------------------------------
+
+def run_info(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
+    return {"train_config": c.to_dict(), "objective": c.objective, "class_names": data.class_names,
+            "num_classes": data.num_classes, "channels": data.channels, "image_size": data.image_size,
+            "conditional": not c.unconditional and data.num_classes > 1}
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if float(row["step"]) <= up_to_step]
+
+
+@torch.no_grad()
+def write_sample_grid(path: Path, ema_model: DiT, objective, c: TrainConfig, data: ImageDataset,
+                      device: torch.device, seed: int) -> None:
+    """One row of real images per class above `samples_per_class` rows of EMA samples."""
+    K = data.num_classes
+    real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in range(K)])
+    R = c.samples_per_class
+    y = torch.arange(K, device=device).repeat(R)
+    shape = (R * K, data.channels, data.image_size, data.image_size)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cfg = c.cfg_scale if K > 1 else 1.0
+    sampler = c.sampler or ("heun" if c.objective == "flow" else "ddpm")
+    with autocast(device, c.precision):
+        images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
+                        sampler=sampler, generator=generator, progress=False)
+    images = images.float().clamp(-1, 1).cpu()
+    save_comparison(path, real, images.reshape(R, K, *shape[1:]))
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = AUTOCAST[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a DiT as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png to c.out."""
+    dist = distributed.setup()
+    device = dist.device
+    out = Path(c.out)
+    if c.batch_size % dist.world_size:
+        raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.world_size} processes")
+
+    # ---- resume checks come before anything is written
+    start_ckpt = None
+    if resume:
+        start_ckpt = ckpt.latest_checkpoint(out)
+        if start_ckpt is None:
+            raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
+        saved = json.loads((start_ckpt / "run.json").read_text())["train_config"]
+        changed = [k for k in TrainConfig.identity_keys() if saved.get(k) != getattr(c, k)]
+        if changed:
+            diffs = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {getattr(c, k)!r}" for k in changed)
+            raise ckpt.CheckpointError(f"cannot resume {out}: it was trained with a different config ({diffs})")
+    elif ckpt.list_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
+
+    torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
+    data = build_dataset(c)
+    objective = build_objective(c.objective, c.timestep_sampling)
+    torch.manual_seed(c.seed)  # identical initial weights on every rank
+    model = build_model(c, data).to(device)
+    model.grad_checkpointing = c.grad_checkpoint
+    ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup)
+    gen = torch.Generator().manual_seed(c.seed)
+    sampler = EpochSampler(len(data), c.batch_size, c.seed)
+    step, skipped, metrics = 0, 0, []
+
+    if start_ckpt is not None:
+        model.load_state_dict(ckpt.load_weights(start_ckpt, "model.safetensors"))
+        ema.model.load_state_dict(ckpt.load_weights(start_ckpt, "ema.safetensors"))
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        if c.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, c)
+    scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
+
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         get_model_state_dict, set_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    if start_ckpt is not None:
+        tensors, meta = ckpt.load_train_state(start_ckpt)
+        set_optimizer_state_dict(model, optimizer, ckpt.unflatten_optimizer(tensors, meta["optimizer"]),
+                                 options=StateDictOptions(full_state_dict=True))
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        step, skipped = meta["step"], meta["skipped_steps"]
+        sampler = EpochSampler(len(data), c.batch_size, c.seed, **meta["data"])
+        ckpt.restore_rng(tensors, {"train": gen})
+        metrics = read_metrics(out / "metrics.csv", step)
+
+    compiled = torch.compile(train_model) if c.compile else train_model
+    model_config = {"model_type": "DiT", **model.config}
+    info = run_info(c, data)
+    if dist.is_main:
+        write_json_atomic(out / "config.json", c.to_dict())
+
+    def save(at_step: int) -> Path:
+        model_state = get_model_state_dict(model, options=full)
+        opt_state = get_optimizer_state_dict(model, optimizer, options=full)
+        path = ckpt.step_dir(out, at_step)
+        if dist.is_main:
+            path = ckpt.save_checkpoint(
+                out, at_step, model_config, info, model_state, ema.model.state_dict(), opt_state,
+                {"step": at_step, "skipped_steps": skipped, "data": sampler.state(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                ckpt.rng_tensors({"train": gen}), c.keep_last)
+        distributed.barrier(dist)
+        return path
+
+    B_local = c.batch_size // dist.world_size
+    lo, hi = dist.rank * B_local, (dist.rank + 1) * B_local
+    drop_labels = c.class_dropout_prob > 0
+    start_time, start_step = time.perf_counter(), step
+    window: list[Tensor] = []
+    bar = tqdm(total=c.steps, initial=step, disable=not (progress and dist.is_main), dynamic_ncols=True,
+               file=sys.stderr, desc="train")
+    last_path = start_ckpt
+    loss_value = float("nan")
+    model.train()
+    while step < c.steps:
+        if c.minutes is not None and time.perf_counter() - start_time > c.minutes * 60:
+            break
+        # ---- the global batch and all its randomness, then this process's slice
+        idx = sampler.next()
+        x0, y = data.images[idx], data.labels[idx]
+        if data.hflip:
+            x0 = random_hflip(x0, gen)
+        drop = (torch.rand(c.batch_size, generator=gen) < c.class_dropout_prob).long()
+        t = draw_timesteps(objective, c.batch_size, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x0, y, t, noise, drop = (v[lo:hi].to(device, non_blocking=True) for v in (x0, y, t, noise, drop))
+        kwargs = {"y": y, "force_drop_ids": drop} if drop_labels else {"y": y}
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(c, step)
+        with autocast(device, c.precision):
+            loss = objective.training_losses(compiled, x0, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        if scaler.is_enabled():
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)  # skips the update itself when gradients are not finite
+            scaler.update()
+            skipped += int(scaler.get_scale() < scale_before)
+        elif torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped += 1
+        ema.update(model, step)
+        step += 1
+        window.append(loss.detach())
+
+        if step % c.log_every == 0 or step == c.steps:
+            loss_value = distributed.mean_across_ranks(torch.stack(window).mean(), dist).item()
+            window = []
+            elapsed = time.perf_counter() - start_time
+            ips = (step - start_step) * c.batch_size / elapsed
+            metrics.append({"step": step, "loss": loss_value, "lr": lr_at(c, step - 1),
+                            "grad_norm": float(grad_norm), "images_per_s": ips, "elapsed_s": elapsed})
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
+            if dist.is_main:
+                write_metrics(out / "metrics.csv", metrics)
+        bar.update(1)
+        if step % c.save_every == 0 or step == c.steps:
+            last_path = save(step)
+        if c.sample_every and step % c.sample_every == 0 and dist.is_main and step != c.steps:
+            write_sample_grid(out / "samples.png", ema.model, objective, c, data, device, c.seed)
+    bar.close()
+
+    if last_path is None or last_path.name != ckpt.step_dir(out, step).name:
+        last_path = save(step)  # stopped by the time budget
+    seconds = time.perf_counter() - start_time
+    ips = (step - start_step) * c.batch_size / max(seconds, 1e-9)
+    if dist.is_main:
+        if metrics:
+            save_loss_curve(out / "loss_curve.png", [m["step"] for m in metrics], [m["loss"] for m in metrics],
+                            title=f"{c.model if c.model != 'custom' else 'DiT'} on {c.data} ({c.objective})")
+        write_sample_grid(out / "samples.png", ema.model, objective, c, data, device, c.seed)
+    distributed.teardown(dist)
+    return TrainResult(out=out, checkpoint=last_path, steps=step, final_loss=loss_value, seconds=seconds,
+                       images_per_second=ips, skipped_steps=skipped)

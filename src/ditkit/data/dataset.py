@@ -1,0 +1,60 @@
+"""The one in-memory dataset type every source produces, and batch augmentation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageDataset:
+    """images (N, C, H, W) float32 in [-1, 1]; labels (N,) long in 0..num_classes-1.
+
+    An unconditional dataset has num_classes = 1 (every label 0): a model built from it still has a
+    null label (1) for classifier-free guidance machinery, and nothing assumes 1000 classes.
+    """
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    hflip: bool = False  # whether random horizontal flips are a valid augmentation
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(self.images.shape)} "
+                             f"and {tuple(self.labels.shape)}")
+        if not self.class_names:
+            self.class_names = [str(k) for k in range(self.num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def subset(self, index: Tensor) -> "ImageDataset":
+        return replace(self, images=self.images[index], labels=self.labels[index])
+
+    def as_unconditional(self) -> "ImageDataset":
+        return replace(self, labels=torch.zeros_like(self.labels), num_classes=1, class_names=["all"])
+
+    def with_channels(self, channels: int) -> "ImageDataset":
+        """Repeat a 1-channel set to `channels`, or reject a conversion that would invent colour."""
+        if channels == self.channels:
+            return self
+        if self.channels != 1:
+            raise ValueError(f"cannot convert {self.channels}-channel images to {channels} channels")
+        return replace(self, images=self.images.repeat(1, channels, 1, 1))
+
+
+def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip each image of a batch left-right with probability 1/2, drawn from `generator`."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)

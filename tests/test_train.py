@@ -77,15 +77,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     ckpt.verify(ckpt.step_dir(run, 6))  # step 6 re-trained from step 3 and saved whole
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, sharding):
     """torchrun, gloo, 2 CPU processes, same global batch: same loss trajectory within 1e-4 and the same
-    final weights within 1e-4 (only float summation order differs)."""
+    final weights within 1e-4 (only float summation order differs), with DDP and with FSDP2."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["train", *TINY, "--steps", "8", "--save-every", "8"]
     ditkit(*args, "--out", str(one))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                           "-m", "ditkit.cli", *args, "--out", str(two)], capture_output=True, text=True, env=ENV)
+    port = {"ddp": "29517", "fsdp": "29518"}[sharding]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "-m", "ditkit.cli", *args, f"fsdp={sharding == 'fsdp'}", "--out", str(two)],
+                          capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint:") == 1  # one process reports
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 8
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -31,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in overrides.items() if v not in (None, False)}
     config = build_config(args.config, overrides, args.assignments)
     result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one process reports
+        return 0
     print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s), "
           f"final loss {result.final_loss:.4f}"
           + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
@@ -144,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come between flags, which argparse's positionals do not allow
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "assignments"):
+        args.assignments += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback

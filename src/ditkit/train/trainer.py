@@ -208,6 +208,14 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     elif ckpt.list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
 
+    summary_writer = None
+    if c.tensorboard and dist.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        summary_writer = SummaryWriter(str(out / "tensorboard"))
+
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
     data = build_dataset(c)
     objective = build_objective(c.objective, c.timestep_sampling)
@@ -326,12 +334,17 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
             if dist.is_main:
                 write_metrics(out / "metrics.csv", metrics)
+            if summary_writer is not None:
+                for key in ("loss", "lr", "grad_norm", "images_per_s"):
+                    summary_writer.add_scalar(f"train/{key}", metrics[-1][key], step)
         bar.update(1)
         if step % c.save_every == 0 or step == c.steps:
             last_path = save(step)
         if c.sample_every and step % c.sample_every == 0 and dist.is_main and step != c.steps:
             write_sample_grid(out / "samples.png", ema.model, objective, c, data, device, c.seed)
     bar.close()
+    if summary_writer is not None:
+        summary_writer.close()
 
     if last_path is None or last_path.name != ckpt.step_dir(out, step).name:
         last_path = save(step)  # stopped by the time budget

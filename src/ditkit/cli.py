@@ -81,9 +81,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: train the default config on MNIST-5k, then sample a grid."""
-    from ditkit.train import TrainConfig, build_config, train
+    from ditkit.train import build_config, train
 
-    config = build_config(None, {"out": args.out}, args.assignments)
+    out, n = args.out, 1
+    while not args.resume and os.path.exists(os.path.join(out, "checkpoints")):  # never overwrite a run
+        out, n = f"{args.out}-{n}", n + 1
+    config = build_config(None, {"out": out}, args.assignments)
     start = time.perf_counter()
     result = train(config, resume=args.resume)
     print(f"\ndemo: {result.steps} steps of {config.batch_size} images in {result.seconds:.0f} s "

@@ -1,6 +1,7 @@
-"""Images out: grids, the real-vs-generated comparison figure, loss curves. Every file written atomically."""
+"""Images out: grids, the real-vs-generated comparison figure, loss curves. Every file is written atomically."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -13,20 +14,29 @@ from ditkit.io import atomic_path
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3 or 1) uint8; more than 3 channels (latents) show the first 3."""
+    """(N, C, H, W) in [-1, 1] (clamped) -> (N, H, W, 1 or 3) uint8.
+
+    1 channel stays grey and 3 are RGB; more (e.g. 4 latent channels) show their first 3 as RGB, and 2
+    show as red and green.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
     x = x.detach().float().cpu().clamp(-1, 1)
     if x.shape[1] == 2:
-        x = torch.cat([x, x[:, :1]], dim=1)
+        x = torch.cat([x, torch.full_like(x[:, :1], -1.0)], dim=1)
     elif x.shape[1] > 3:
         x = x[:, :3]
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile (N, C, H, W) images, `nrow` per row, into one (rows * (H + pad) + pad, ..., C) uint8 array."""
+    """Tile (N, C, H, W) images, `nrow` per row, into one uint8 array
+    (rows * (H + padding) + padding, nrow * (W + padding) + padding, 1 or 3)."""
+    if nrow < 1 or padding < 0:
+        raise ValueError(f"need nrow >= 1 and padding >= 0, got {nrow} and {padding}")
     tiles = to_uint8(images)
     n, h, w, c = tiles.shape
-    rows = -(-n // nrow)
+    rows = max(1, math.ceil(n / nrow))
     grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, np.uint8)
     for i, tile in enumerate(tiles):
         r, col = divmod(i, nrow)
@@ -35,48 +45,69 @@ def make_grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255)
     return grid
 
 
-def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
+def save_png(path: str | os.PathLike, array: np.ndarray, scale: int = 1) -> None:
+    """Write an (H, W, 1 or 3) uint8 array as a PNG, each pixel enlarged to `scale` x `scale`."""
+    if scale > 1:
+        array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
 def save_grid(path: str | os.PathLike, images: Tensor, nrow: int, scale: int = 1) -> None:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid, optionally enlarged `scale` times."""
-    grid = make_grid(images, nrow)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    save_png(path, grid)
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid, `nrow` per row, enlarged `scale` times."""
+    save_png(path, make_grid(images, nrow), scale)
 
 
 def save_comparison(path: str | os.PathLike, real: Tensor, generated: Tensor, scale: int = 2) -> None:
-    """The classic comparison figure: one row of real images (K, C, H, W), one per class, above R rows of
-    generated ones (R, K, C, H, W) whose column k is class k, separated by a dark line."""
+    """The classic comparison figure: a row of real images (K, C, H, W), one per class, above R rows of
+    generated ones (R, K, C, H, W) whose column k is class k, with a dark line between them."""
+    if real.ndim != 4 or generated.ndim != 5 or generated.shape[1:] != real.shape:
+        raise ValueError(f"expected real (K, C, H, W) and generated (R, K, C, H, W), got "
+                         f"{tuple(real.shape)} and {tuple(generated.shape)}")
     K = real.shape[0]
     top = make_grid(real, nrow=K)
-    bottom = make_grid(generated.reshape(-1, *generated.shape[2:]), nrow=K)
+    bottom = make_grid(generated.reshape(-1, *real.shape[1:]), nrow=K)
     line = np.full((3, top.shape[1], top.shape[2]), 64, np.uint8)
-    figure = np.concatenate([top, line, bottom], axis=0)
-    save_png(path, figure.repeat(scale, axis=0).repeat(scale, axis=1))
+    save_png(path, np.concatenate([top, line, bottom], axis=0), scale)
+
+
+def _ema(values: np.ndarray, span: float) -> np.ndarray:
+    """Exponential moving average that starts at the first finite value and steps over NaN/inf."""
+    alpha = 2 / (span + 1)
+    out = np.full_like(values, np.nan)
+    acc = None
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out[i] = np.nan if acc is None else acc
+    return out
 
 
 def save_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Sequence[float],
                     title: str = "training loss") -> None:
-    """Raw loss (faint) and its exponential moving average, log-scale y."""
-    import matplotlib
+    """Plot the raw loss (faint) and its moving average against `steps` as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    The y axis is logarithmic while every loss is positive. Needs matplotlib (pip install matplotlib,
+    or ditkit[data]); it is drawn without pyplot, so no global backend or figure state is touched.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise RuntimeError("plotting the loss curve needs matplotlib: pip install matplotlib "
+                           "(or pip install 'ditkit[data]')") from err
+    steps_arr = np.asarray(steps, dtype=np.float64)
     losses_arr = np.asarray(losses, dtype=np.float64)
-    smooth, acc = np.empty_like(losses_arr), losses_arr[0]
-    for i, v in enumerate(losses_arr):
-        acc = 0.9 * acc + 0.1 * v
-        smooth[i] = acc
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, losses_arr, alpha=0.3, lw=1, label="loss")
-    ax.plot(steps, smooth, lw=2, label="moving average")
-    ax.set_yscale("log")
+    if steps_arr.shape != losses_arr.shape or steps_arr.ndim != 1:
+        raise ValueError(f"steps and losses must be equal-length sequences, got {len(steps)} and {len(losses)}")
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot(steps_arr, losses_arr, alpha=0.3, lw=1, label="loss")
+    # smooth over ~1/20 of the run, so short and long runs both show a readable trend
+    ax.plot(steps_arr, _ema(losses_arr, span=max(5.0, len(losses_arr) / 20)), lw=2, label="moving average")
+    finite = losses_arr[np.isfinite(losses_arr)]
+    if finite.size and (finite > 0).all():
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -85,4 +116,3 @@ def save_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Seq
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)

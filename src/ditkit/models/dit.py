@@ -39,16 +39,24 @@ def _init_linears(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-class DiTBlock(nn.Module):
+class TransformerBlock(nn.Module):
+    """The pre-norm parts every design shares: LayerNorm -> self-attention, LayerNorm -> MLP. The norms
+    carry their own affine parameters only when nothing else modulates them."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, affine: bool):
+        super().__init__()
+        self.norm1 = _norm(hidden_size, affine)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size, affine)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+
+class DiTBlock(TransformerBlock):
     """adaLN-Zero block: shift, scale and a gate for each residual branch, regressed from c = t + y;
     the regression is zero-initialised so every block starts as the identity."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = _norm(hidden_size, affine=False)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size, affine=False)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         _init_linears(self)
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
@@ -61,16 +69,12 @@ class DiTBlock(nn.Module):
         return x
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(TransformerBlock):
     """adaLN block (paper's Fig. 3, without "-Zero"): shift and scale regressed from c = t + y,
     no gates, ordinary initialisation."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = _norm(hidden_size, affine=False)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size, affine=False)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
         _init_linears(self)
 
@@ -81,18 +85,14 @@ class AdaLNBlock(nn.Module):
         return x
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(TransformerBlock):
     """Standard pre-LN ViT block with a cross-attention layer after self-attention; the image tokens
     attend to the length-2 sequence [t, y] (paper's Fig. 3, "Cross-Attention")."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = _norm(hidden_size, affine=True)
-        self.attn = Attention(hidden_size, num_heads)
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True)
         self.norm_cross = _norm(hidden_size, affine=True)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size, affine=True)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         _init_linears(self)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x (N, T, D), c (N, 2, D)
@@ -102,16 +102,12 @@ class CrossAttentionBlock(nn.Module):
         return x
 
 
-class InContextBlock(nn.Module):
+class InContextBlock(TransformerBlock):
     """Standard pre-LN ViT block, unmodified: t and y enter as two extra tokens of the sequence
     (paper's Fig. 3, "In-Context Conditioning")."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = _norm(hidden_size, affine=True)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size, affine=True)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True)
         _init_linears(self)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:  # x (N, 2 + T, D)

@@ -17,7 +17,7 @@ class TrainConfig:
     unconditional: bool = False         # ignore class labels (null label only)
     # model: a zoo name ("DiT-S/2") or "custom" with the fields below; `model_args` overrides either
     model: str = "custom"
-    hidden_size: int = 256
+    hidden_size: int = 128
     depth: int = 6
     num_heads: int = 4
     patch_size: int = 4
@@ -31,13 +31,13 @@ class TrainConfig:
     # optimisation
     steps: int = 2000
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
-    batch_size: int = 128               # global batch (split across processes)
-    lr: float = 3e-4
+    batch_size: int = 64                # global batch (split across processes)
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
     precision: str = "bf16"             # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
     compile: bool = False

@@ -137,7 +137,7 @@ def draw_timesteps(objective, n: int, generator: torch.Generator) -> Tensor:
 def run_info(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
     return {"train_config": c.to_dict(), "objective": c.objective, "class_names": data.class_names,
             "num_classes": data.num_classes, "channels": data.channels, "image_size": data.image_size,
-            "conditional": not c.unconditional and data.num_classes > 1}
+            "conditional": data.conditional}
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
@@ -166,7 +166,7 @@ def write_sample_grid(path: Path, ema_model: DiT, objective, c: TrainConfig, dat
     y = torch.arange(K, device=device).repeat(R)
     shape = (R * K, data.channels, data.image_size, data.image_size)
     generator = torch.Generator(device=device).manual_seed(seed)
-    cfg = c.cfg_scale if K > 1 else 1.0
+    cfg = c.cfg_scale if data.conditional else 1.0
     sampler = c.sampler or ("heun" if c.objective == "flow" else "ddpm")
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,

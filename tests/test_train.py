@@ -180,3 +180,12 @@ def test_fp16_and_bf16_steps_run_and_stay_finite(tmp_path):
 def test_config_files_in_configs_parse():
     for path in sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")):
         build_config(str(path))
+
+
+def test_mnist_config_file_is_the_demo_default():
+    """configs/mnist.yaml documents the main job: it must equal the TrainConfig defaults (but `out`)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "mnist.yaml"
+    from_file = build_config(str(path)).to_dict()
+    defaults = TrainConfig().to_dict()
+    from_file.pop("out"), defaults.pop("out")
+    assert from_file == {**defaults, "sampler": "heun"}

@@ -29,10 +29,10 @@ class TrainConfig:
     objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
     timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
     # optimisation
-    steps: int = 2000
+    steps: int = 1400
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
     batch_size: int = 64                # global batch (split across processes)
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
@@ -53,8 +53,8 @@ class TrainConfig:
     tensorboard: bool = False
     # the sample grid written at the end (and every sample_every steps)
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
-    sample_steps: int | None = None     # None: the sampler's default
-    cfg_scale: float = 1.5
+    sample_steps: int | None = 20       # None: the sampler's default
+    cfg_scale: float = 4.0
     samples_per_class: int = 8
 
     def to_dict(self) -> dict[str, Any]:

@@ -79,6 +79,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MINUTES = 4.5
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: train the default config on MNIST-5k, then sample a grid."""
     from ditkit.train import build_config, train
@@ -86,7 +89,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out, n = args.out, 1
     while not args.resume and os.path.exists(os.path.join(out, "checkpoints")):  # never overwrite a run
         out, n = f"{args.out}-{n}", n + 1
-    config = build_config(None, {"out": out}, args.assignments)
+    # the demo promises minutes on a laptop: a wall-clock cap guards slower machines (~4 min here)
+    config = build_config(None, {"out": out, "minutes": DEMO_MINUTES}, args.assignments)
     start = time.perf_counter()
     result = train(config, resume=args.resume)
     print(f"\ndemo: {result.steps} steps of {config.batch_size} images in {result.seconds:.0f} s "

@@ -29,7 +29,7 @@ class TrainConfig:
     objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
     timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
     # optimisation
-    steps: int = 1400
+    steps: int = 1200
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
     batch_size: int = 64                # global batch (split across processes)
     lr: float = 2e-3

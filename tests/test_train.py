@@ -115,6 +115,19 @@ def test_outputs_of_a_run(tmp_path):
     arr = np.load(out)
     assert arr["images"].shape == (8, 2, 8, 8) and arr["labels"].tolist() == [0, 1, 2, 3] * 2
     assert arr["images"].min() >= -1 and arr["images"].max() <= 1
+    png = tmp_path / "grid.png"
+    ditkit("sample", "--ckpt", str(run), "--class", "1", "3", "--n-per-class", "2", "--steps", "2", "--no-ema",
+           "--out", str(png))
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * 10 + 2, 2 * 10 + 2)  # 2 classes x 2 rows of 8px tiles, 2px padding
+    for args, match in [(["--out", str(tmp_path / "x.jpg")], "must end in .png"),
+                        (["--class", "7", "--out", str(png)], r"--class \[7\] out of range: this model has classes 0..3"),
+                        (["--ckpt", str(tmp_path / "missing"), "--out", str(png)], "no usable checkpoint")]:
+        ckpt_args = [] if "--ckpt" in args else ["--ckpt", str(run)]
+        proc = ditkit("sample", *ckpt_args, *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert __import__("re").search(match, proc.stderr), proc.stderr
 
 
 @pytest.mark.parametrize("args, match", [
@@ -189,3 +202,12 @@ def test_mnist_config_file_is_the_demo_default():
     defaults = TrainConfig().to_dict()
     from_file.pop("out"), defaults.pop("out")
     assert from_file == {**defaults, "sampler": "heun"}
+
+
+def test_wall_clock_budget_stops_early_and_saves(tmp_path):
+    c = build_config(None, {"data": "patterns", "out": str(tmp_path / "r"), "minutes": 0.02},
+                     [a for a in TINY[2:]] + ["steps=100000", "save_every=100000"])
+    result = train(c, progress=False)
+    assert 0 < result.steps < 100000
+    assert result.checkpoint == ckpt.step_dir(tmp_path / "r", result.steps)
+    ckpt.verify(result.checkpoint)

@@ -288,9 +288,14 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
                file=sys.stderr, desc="train")
     last_path = start_ckpt
     loss_value = float("nan")
+    def out_of_time() -> bool:
+        """Past the wall-clock budget on any process (all must stop at the same step)."""
+        over = torch.tensor(float(time.perf_counter() - start_time > c.minutes * 60), device=device)
+        return distributed.mean_across_ranks(over, dist).item() > 0
+
     model.train()
     while step < c.steps:
-        if c.minutes is not None and time.perf_counter() - start_time > c.minutes * 60:
+        if c.minutes is not None and out_of_time():
             break
         # ---- the global batch and all its randomness, then this process's slice
         idx = sampler.next()

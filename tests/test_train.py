@@ -211,3 +211,11 @@ def test_wall_clock_budget_stops_early_and_saves(tmp_path):
     assert 0 < result.steps < 100000
     assert result.checkpoint == ckpt.step_dir(tmp_path / "r", result.steps)
     ckpt.verify(result.checkpoint)
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    c = build_config(None, {"data": "patterns", "out": str(tmp_path / "r")}, TINY[2:] + ["tensorboard=true"])
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(c, progress=False)
+    assert not (tmp_path / "r").exists()

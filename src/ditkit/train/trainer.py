@@ -208,14 +208,6 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     elif ckpt.list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
 
-    summary_writer = None
-    if c.tensorboard and dist.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-        summary_writer = SummaryWriter(str(out / "tensorboard"))
-
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
     data = build_dataset(c)
     objective = build_objective(c.objective, c.timestep_sampling)
@@ -223,6 +215,14 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     model = build_model(c, data).to(device)
     model.grad_checkpointing = c.grad_checkpoint
     ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup)
+    summary_writer = None  # created only once data and model are known to be valid
+    if c.tensorboard and dist.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        summary_writer = SummaryWriter(str(out / "tensorboard"))
+
     gen = torch.Generator().manual_seed(c.seed)
     sampler = EpochSampler(len(data), c.batch_size, c.seed)
     step, skipped, metrics = 0, 0, []
@@ -288,6 +288,7 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
                file=sys.stderr, desc="train")
     last_path = start_ckpt
     loss_value = float("nan")
+
     def out_of_time() -> bool:
         """Past the wall-clock budget on any process (all must stop at the same step)."""
         over = torch.tensor(float(time.perf_counter() - start_time > c.minutes * 60), device=device)

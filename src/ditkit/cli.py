@@ -79,6 +79,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_ROWS = (("classifier_heldout_accuracy", "classifier accuracy, held-out real"),
+             ("accuracy", "classifier accuracy, samples"),
+             ("fd_classifier", "FD-classifier (vs held-out)"),
+             ("precision", "precision (k-NN)"),
+             ("recall", "recall (k-NN)"),
+             ("fid", "Inception FID"),
+             ("inception_score", "Inception Score"))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ditkit.evaluate import evaluate, load_samples
+
+    images, labels = load_samples(args.samples)
+    metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{int(metrics['num_samples'])} samples from {args.samples}, reference {args.reference}")
+    print(f"{'metric':<36} {'value':>10}")
+    for key, name in EVAL_ROWS:
+        if key not in metrics:
+            continue
+        extra = ""
+        if key == "fd_classifier":
+            extra = f"   real-vs-real baseline (train vs held-out): {metrics['fd_classifier_real_baseline']:.4f}"
+        elif key == "inception_score":
+            extra = f"   (std {metrics['inception_score_std']:.3f})"
+        print(f"{name:<36} {metrics[key]:>10.4f}{extra}")
+    return 0
+
+
 DEMO_MINUTES = 4.5
 
 
@@ -144,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images in [-1, 1], labels)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="sample-quality metrics of an .npz of samples (FD, precision/recall, FID, IS)")
+    p.add_argument("--samples", required=True, help="FILE.npz with images (N, C, H, W) in [-1, 1] and optional labels")
+    p.add_argument("--reference", default="mnist", help="mnist (default) | a directory of images | FILE.npz")
+    p.add_argument("--inception-weights", help="pytorch-fid pt_inception state dict: adds Inception FID and IS")
+    p.add_argument("--json", action="store_true", help="print one JSON object of every metric")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job: train on MNIST-5k, then sample")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,203 @@
+"""ditkit's DiT against diffusers' DiTTransformer2DModel: training-step and sampling throughput.
+
+Builds the same architecture on both sides (DiT-S/2 on 32x32x4 latents with learned sigma and 1000
+classes, and the demo config of `TrainConfig()`), then measures in this process, alternating the two
+implementations repeat by repeat, images/s of
+  - one training step (forward, MSE loss, backward, AdamW) at batch 8 (DiT-S/2) / 64 (demo), and
+  - sampling: a network forward pass under `torch.inference_mode()` at batch 32 / 256,
+in fp32 and bf16 autocast, and prints each pair as a ratio ditkit / diffusers.
+
+diffusers is an optional extra:  pip install 'ditkit[peers]'
+
+    python benchmarks/compare_peers.py [--repeats 3] [--only demo|dit-s2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ditkit.models import DiT, create_model
+from ditkit.train.config import TrainConfig
+
+try:
+    from diffusers import DiTTransformer2DModel
+except ImportError:  # pragma: no cover - depends on the environment
+    DiTTransformer2DModel = None
+
+
+def device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def param_count(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def peer_of(model: DiT) -> nn.Module:
+    """diffusers' DiTTransformer2DModel with the same layout as a ditkit adaLN-Zero DiT."""
+    if model.block != "adaln_zero":
+        raise ValueError("diffusers' DiT has adaLN-Zero blocks only")
+    (H, W), heads = model.input_size, model.config["num_heads"]
+    if H != W:
+        raise ValueError("diffusers' DiT takes square inputs only")
+    return DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=model.config["hidden_size"] // heads,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        num_layers=model.config["depth"],
+        sample_size=H,
+        patch_size=model.patch_size,
+        num_embeds_ada_norm=model.num_classes,
+        norm_type="ada_norm_zero",
+        activation_fn="gelu-approximate",  # tanh GELU, as ditkit's MLP
+        norm_elementwise_affine=False,
+    )
+
+
+def demo_model() -> DiT:
+    c = TrainConfig()
+    return DiT(input_size=32, patch_size=c.patch_size, in_channels=1, hidden_size=c.hidden_size, depth=c.depth,
+               num_heads=c.num_heads, num_classes=10, learn_sigma=False)
+
+
+def make_inputs(model: DiT, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    H, W = model.input_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.in_channels, H, W, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)  # integer timesteps: both sides accept them
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    return x.to(device), t.to(device), y.to(device)
+
+
+def call_ditkit(model: nn.Module, x, t, y) -> torch.Tensor:
+    return model(x, t, y)
+
+
+def call_diffusers(model: nn.Module, x, t, y) -> torch.Tensor:
+    return model(hidden_states=x, timestep=t, class_labels=y).sample
+
+
+def train_step_fn(model: nn.Module, call: Callable, batch: int, ref: DiT, precision: str,
+                  device: torch.device) -> Callable[[], None]:
+    x, t, y = make_inputs(ref, batch, device)
+    target = torch.randn(batch, ref.out_channels, *ref.input_size, device=device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = call(model, x, t, y)
+        loss = (out.float() - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def sample_step_fn(model: nn.Module, call: Callable, batch: int, ref: DiT, precision: str,
+                   device: torch.device) -> Callable[[], None]:
+    x, t, y = make_inputs(ref, batch, device)
+    model.eval()
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                      enabled=dtype is not None):
+            call(model, x, t, y)
+
+    return step
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    device_sync(device)
+    start = time.perf_counter()
+    fn()
+    device_sync(device)
+    return time.perf_counter() - start
+
+
+def compare(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved repeat by repeat (order alternating)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(timed(fns[name], device))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["demo", "dit-s2"], default=None)
+    args = parser.parse_args()
+    if DiTTransformer2DModel is None:
+        print("diffusers is not installed: pip install 'ditkit[peers]'")
+        return 1
+    import diffusers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
+
+    # (label, builder, train batch, sampling batch)
+    cases = [("demo (MNIST, 1x32x32)", demo_model, TrainConfig().batch_size, 256),
+             ("DiT-S/2 (4x32x32)", lambda: create_model("DiT-S/2"), 8, 32)]
+    if args.only:
+        cases = [cases[0]] if args.only == "demo" else [cases[1]]
+
+    rows = []
+    for label, build, train_batch, sample_batch in cases:
+        torch.manual_seed(0)
+        ours = build().to(device)
+        theirs = peer_of(ours).to(device)
+        out_ours = call_ditkit(ours.eval(), *make_inputs(ours, 2, device))
+        out_theirs = call_diffusers(theirs.eval(), *make_inputs(ours, 2, device))
+        assert out_ours.shape == out_theirs.shape, (out_ours.shape, out_theirs.shape)
+        processor = type(theirs.transformer_blocks[0].attn1.processor).__name__
+        print(f"\n{label}: parameters ditkit {param_count(ours):,} ({param_count(ours, True):,} trainable), "
+              f"diffusers {param_count(theirs):,} ({param_count(theirs, True):,} trainable); "
+              f"diffusers attention processor {processor}")
+        # diffusers keeps a timestep + label embedder inside every block's AdaLayerNormZero (its converted
+        # checkpoints copy one embedder into all of them) and none outside; ditkit has one, shared. ditkit's
+        # fixed sin-cos pos_embed is a frozen Parameter, diffusers' a buffer.
+        per_block = param_count(theirs.transformer_blocks[0].norm1.emb)
+        extra = (len(theirs.transformer_blocks) - 1) * per_block
+        same = param_count(ours, True) + extra == param_count(theirs, True)
+        print(f"  diffusers - ditkit trainable = {param_count(theirs, True) - param_count(ours, True):,} = "
+              f"{len(theirs.transformer_blocks) - 1} extra per-block embedders x {per_block:,}: "
+              f"{'architectures otherwise equal' if same else 'UNEXPLAINED DIFFERENCE'}")
+        for mode, batch, make, warmup in (("train", train_batch, train_step_fn, 2),
+                                          ("sample", sample_batch, sample_step_fn, 1)):
+            for precision in ("fp32", "bf16"):
+                # fresh models per measurement so optimiser state / parameter values start equal
+                torch.manual_seed(0)
+                ours = build().to(device)
+                theirs = peer_of(ours).to(device)
+                fns = {"ditkit": make(ours, call_ditkit, batch, ours, precision, device),
+                       "diffusers": make(theirs, call_diffusers, batch, ours, precision, device)}
+                sec = compare(fns, device, args.repeats, warmup)
+                rows.append((label, mode, batch, precision, batch / sec["ditkit"], batch / sec["diffusers"]))
+                del fns, ours, theirs
+
+    print(f"\n{'model':<24} {'mode':<7} {'batch':>5} {'precision':<9} {'ditkit img/s':>12} "
+          f"{'diffusers img/s':>15} {'ditkit/diffusers':>16}")
+    for label, mode, batch, precision, a, b in rows:
+        print(f"{label:<24} {mode:<7} {batch:>5} {precision:<9} {a:>12.1f} {b:>15.1f} {a / b:>16.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

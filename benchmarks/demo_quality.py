@@ -16,7 +16,7 @@ import torch
 from ditkit.data import load_mnist
 from ditkit.evaluate.classifier import accuracy, load_classifier
 from ditkit.pipeline import load_pipeline
-from ditkit.sampling import sample
+from ditkit.sampling import sample, samplers_for
 from ditkit.train import build_config, train
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     cfg = pipe.info["train_config"]
     cfg_scale = args.cfg if args.cfg is not None else cfg["cfg_scale"]
     steps = args.steps or cfg["sample_steps"]
-    sampler = args.sampler or cfg["sampler"] or ("heun" if cfg["objective"] == "flow" else "ddpm")
+    sampler = args.sampler or cfg["sampler"] or samplers_for(pipe.objective)[0]
 
     y = torch.arange(10).repeat(args.n_per_class)
     start = time.perf_counter()

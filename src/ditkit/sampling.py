@@ -60,6 +60,15 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
     return model_fn
 
 
+def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
+    """The sampler names an objective allows; the first is its default."""
+    if isinstance(objective, GaussianDiffusion):
+        return GAUSSIAN_SAMPLERS
+    if isinstance(objective, FlowMatching):
+        return FLOW_SAMPLERS
+    raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
+
+
 def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatching, shape: Sequence[int],
            y: Tensor | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
            steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
@@ -82,12 +91,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     """
     shape = tuple(shape)
     C = shape[1] if len(shape) > 1 else 0
-    if isinstance(objective, GaussianDiffusion):
-        allowed = GAUSSIAN_SAMPLERS
-    elif isinstance(objective, FlowMatching):
-        allowed = FLOW_SAMPLERS
-    else:
-        raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
+    allowed = samplers_for(objective)
     sampler = sampler or allowed[0]
     if sampler not in allowed:
         raise ValueError(f"unknown sampler {sampler!r} for {type(objective).__name__}: "

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -207,8 +207,6 @@ def load_train_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     file = path / "train_state.safetensors"
     try:
         tensors = load_file(str(file))
-        from safetensors import safe_open
-
         with safe_open(str(file), "pt") as f:
             meta = json.loads(f.metadata()["ditkit"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:

@@ -167,10 +167,9 @@ def write_sample_grid(path: Path, ema_model: DiT, objective, c: TrainConfig, dat
     shape = (R * K, data.channels, data.image_size, data.image_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     cfg = c.cfg_scale if data.conditional else 1.0
-    sampler = c.sampler or ("heun" if c.objective == "flow" else "ddpm")
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
-                        sampler=sampler, generator=generator, progress=False)
+                        sampler=c.sampler, generator=generator, progress=False)
     images = images.float().clamp(-1, 1).cpu()
     save_comparison(path, real, images.reshape(R, K, *shape[1:]))
 

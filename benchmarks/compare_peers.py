@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ditkit.interop.diffusers import to_diffusers
 from ditkit.models import DiT, create_model
 from ditkit.train.config import TrainConfig
 
@@ -40,25 +41,8 @@ def param_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def peer_of(model: DiT) -> nn.Module:
-    """diffusers' DiTTransformer2DModel with the same layout as a ditkit adaLN-Zero DiT."""
-    if model.block != "adaln_zero":
-        raise ValueError("diffusers' DiT has adaLN-Zero blocks only")
-    (H, W), heads = model.input_size, model.config["num_heads"]
-    if H != W:
-        raise ValueError("diffusers' DiT takes square inputs only")
-    return DiTTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=model.config["hidden_size"] // heads,
-        in_channels=model.in_channels,
-        out_channels=model.out_channels,
-        num_layers=model.config["depth"],
-        sample_size=H,
-        patch_size=model.patch_size,
-        num_embeds_ada_norm=model.num_classes,
-        norm_type="ada_norm_zero",
-        activation_fn="gelu-approximate",  # tanh GELU, as ditkit's MLP
-        norm_elementwise_affine=False,
-    )
+    """diffusers' DiTTransformer2DModel with the same layout and weights as a ditkit adaLN-Zero DiT."""
+    return to_diffusers(model)
 
 
 def demo_model() -> DiT:

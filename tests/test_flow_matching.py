@@ -163,3 +163,21 @@ def test_bad_arguments():
         fm.sample_loop(model, (1, 1, 1, 1), sampler="sde", steps=3, step_noises=[torch.zeros(1, 1, 1, 1)] * 2)
     with pytest.raises(ValueError, match="deterministic"):
         fm.sample_loop(model, (1, 1, 1, 1), sampler="euler", steps=2, step_noises=[torch.zeros(1, 1, 1, 1)] * 2)
+
+
+def test_velocity_model_as_epsilon_model_is_exact():
+    """EpsilonFromVelocity of the exact velocity predictor is the exact epsilon predictor at every
+    Gaussian step (1e-6: the flow time reaches the model in float32, as in flow sampling), so DDPM/DDIM
+    sample a flow model correctly."""
+    from test_gaussian_diffusion import exact_eps_model
+
+    from ditkit.diffusion import create_diffusion
+    from ditkit.diffusion.flow import EpsilonFromVelocity
+
+    diffusion = create_diffusion("", learn_sigma=False)
+    converted = EpsilonFromVelocity(exact_velocity_model(MIXTURE), diffusion.alphas_cumprod)
+    exact = exact_eps_model(MIXTURE, diffusion)
+    x = torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    for step in (0, 1, 100, 500, 900, 999):
+        t = torch.full((16,), step)
+        assert (converted(x, t) - exact(x, t)).abs().max() < 1e-6, step

@@ -117,7 +117,7 @@ MIXTURE = GaussianMixture([0.3, 0.7], [[-1.5, 0.5], [1.0, -0.5]],
 
 
 # ------------------------------------------------------------------------------------------------
-# Parity with the original (fixtures: float32, 1e-5; the 10-step CFG loop 1e-4)
+# Parity with the original (fixtures: float32, 1e-5; the 10-step CFG loop 2e-6 of its scale)
 # ------------------------------------------------------------------------------------------------
 
 def load_diffusion_case(name: str) -> tuple[dict, dict]:
@@ -166,7 +166,9 @@ def test_cfg_sampling_loop_matches_original(name):
     out = diffusion.p_sample_loop(model.forward_with_cfg, ref["loop.z"].shape, ref["loop.z"], clip_denoised=False,
                                   model_kwargs=dict(y=ref["loop.y"], cfg_scale=4.0, guided_channels=3),
                                   step_noises=list(ref["loop.noises"]))
-    assert max_err(out, ref["loop.sample"]) <= 1e-4
+    # float32 rounding: the values reach ~700 through 10 steps of a random-weights model, so the bound is
+    # 2e-6 of the sample's scale (errors measured 3.5e-7 of it; a wrong step is off by orders of magnitude)
+    assert max_err(out, ref["loop.sample"]) <= 2e-6 * ref["loop.sample"].abs().max().item()
 
 
 @pytest.mark.parametrize("key", ["250", "ddim25"])

@@ -68,3 +68,15 @@ def test_loss_curve_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.png", "l.png", "neg.png"]
     with pytest.raises(ValueError):
         save_loss_curve(tmp_path / "x.png", [1, 2], [1.0])
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600): the final file must have 0666 less the umask."""
+    import os
+
+    from ditkit.io import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -42,7 +42,7 @@ Y = torch.tensor([0, 2])
 
 
 # ------------------------------------------------------------------------------------------------
-# Parity with the original sample.py (10-step CFG loop, guided_channels=3), 1e-4
+# Parity with the original sample.py (10-step CFG loop, guided_channels=3), 2e-6 of its scale
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
@@ -55,7 +55,10 @@ def test_matches_the_original_cfg_loop(name):
     out = sample(model, create_diffusion("", learn_sigma=spec["learn_sigma"]), (n, *ref["loop.z"].shape[1:]),
                  y=ref["loop.y"][:n], cfg_scale=4.0, steps=10, sampler="ddpm", guided_channels=3,
                  noise=ref["loop.z"][:n], step_noises=[z[:n] for z in ref["loop.noises"]], progress=False)
-    assert (out - ref["loop.sample"][:n]).abs().max().item() <= 1e-4
+    # float32 rounding: through 10 steps of a random-weights model the values reach ~700, so the bound is
+    # 2e-6 of the sample's scale (errors measured 3.5e-7 of it; a wrong step is off by orders of magnitude)
+    expected = ref["loop.sample"][:n]
+    assert (out - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ def test_outputs_of_a_run(tmp_path):
     from PIL import Image
 
     assert Image.open(png).size == (2 * 10 + 2, 2 * 10 + 2)  # 2 classes x 2 rows of 8px tiles, 2px padding
+    folder = tmp_path / "samples"
+    ditkit("sample", "--ckpt", str(run), "--class", "1", "3", "--n-per-class", "2", "--steps", "2",
+           "--out", f"{folder}/")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [
+        "1/00000.png", "1/00002.png", "3/00001.png", "3/00003.png"]
     for args, match in [(["--out", str(tmp_path / "x.jpg")], "must end in .png"),
                         (["--class", "7", "--out", str(png)], r"--class \[7\] out of range: this model has classes 0..3"),
                         (["--ckpt", str(tmp_path / "missing"), "--out", str(png)], "no usable checkpoint")]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("data", "model", "objective", "steps", "minutes", "batch_size", "out", "seed", "save_every",
-               "sample_every", "precision", "compile", "grad_checkpoint", "unconditional")
+               "sample_every", "precision", "compile", "grad_checkpoint", "unconditional", "control", "base")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,44 +39,142 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"final loss {result.final_loss:.4f}"
           + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
     print(f"checkpoint: {result.checkpoint}")
-    for name in ("samples.png", "loss_curve.png", "metrics.csv"):
+    for name in ("samples.png", "samples.gif", "loss_curve.png", "metrics.csv"):
         if (result.out / name).exists():
             print(f"{name + ':':<16}{result.out / name}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import importlib.util
+
     import numpy as np
     import torch
 
-    from ditkit.images import save_grid
+    from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4
     from ditkit.io import atomic_path
+    from ditkit.models import VideoDiT
+    from ditkit.models.control import ControlDiT
+    from ditkit.diffusion import GaussianDiffusion
+    from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
     from ditkit.pipeline import load_pipeline
     from ditkit.sampling import sample
 
-    if not args.out.endswith((".png", ".npz")):
-        raise ValueError(f"--out must end in .png (an image grid) or .npz (arrays for evaluation), got {args.out}")
+    folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
+    clip_out = args.out.endswith((".gif", ".mp4"))
+    if not folder and not clip_out and not args.out.endswith((".png", ".npz")):
+        raise ValueError(f"--out must end in .png (an image grid), .npz (arrays for evaluation), / (a folder "
+                         f"of PNGs, one per sample) or, for a video model, .gif or .mp4, got {args.out}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(args.ckpt, ema=args.ema, device=device)
-    K = pipe.num_classes
+    pipe = load_pipeline(args.ckpt, ema=args.ema, device=device, vae=args.vae)
+    if isinstance(pipe.model, ControlDiT):
+        raise ValueError(f"{args.ckpt} is a control run: it samples from a condition image, "
+                         f"use ditkit edit --ckpt {args.ckpt} --image IMAGE --out OUT.png")
+    video = isinstance(pipe.model, VideoDiT)
+    if video != clip_out and not args.out.endswith(".npz"):
+        raise ValueError(f"{args.ckpt} holds {'a video' if video else 'an image'} model: write its samples to "
+                         f"{'.gif, .mp4' if video else '.png, a folder/'} or .npz, not {args.out}")
+    if args.out.endswith(".mp4") and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing")
+    if args.frames is not None and (not video or args.frames < 1):
+        raise ValueError(f"--frames must be >= 1 and applies to video models only, got {args.frames}")
+    frames = [args.frames or pipe.model.num_frames] if video else []  # clips are (N, C, F, H, W)
+    model = pipe.model
+    if args.prompts is not None or pipe.is_text_model:  # prompts act as class labels 0..P-1
+        if args.classes is not None:
+            raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
+        captions = pipe.info.get("class_names", [])  # default: up to 10 of the training captions
+        shown = torch.linspace(0, len(captions) - 1, min(10, len(captions))).round().long().tolist()
+        prompts = args.prompts or [captions[i] for i in shown]
+        model = pipe.with_prompts(prompts)
+    K, C = model.num_classes, pipe.model.in_channels
     conditional = pipe.info.get("conditional", K > 1)
-    classes = args.classes if args.classes is not None else (list(range(K)) if conditional else [0])
+    sampler, steps, cfg, guided = args.sampler, args.steps, args.cfg, None
+    if args.paper:  # the original sample.py: 250 DDPM steps, CFG 4 on 3 channels, its 8 ImageNet classes
+        if not isinstance(pipe.objective, GaussianDiffusion):
+            raise ValueError("--paper reproduces the original's DDPM sampling: this run was trained with flow matching")
+        sampler, steps, cfg = PAPER_SAMPLING["sampler"], PAPER_SAMPLING["steps"], PAPER_SAMPLING["cfg_scale"]
+        guided = min(PAPER_SAMPLING["guided_channels"], C)
+    default_classes = PAPER_CLASSES if args.paper and K == 1000 else list(range(K))
+    classes = args.classes if args.classes is not None else (default_classes if conditional else [0])
     bad = [k for k in classes if not 0 <= k < K]
     if bad:
         raise ValueError(f"--class {bad} out of range: this model has classes 0..{K - 1}")
-    y = torch.tensor(classes, device=device).repeat(args.n_per_class)
-    H, W = pipe.model.input_size
+    n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
+    latents_only = pipe.vae is None and pipe.info.get("latent", False)
+    if latents_only and not args.out.endswith(".npz"):
+        raise ValueError(f"this model samples {C}-channel latents: pass --vae DIR (the diffusers AutoencoderKL "
+                         "its latents come from, e.g. a local copy of stabilityai/sd-vae-ft-ema), or write "
+                         "the raw latents to --out FILE.npz")
+    if args.half and device != "cuda":
+        raise ValueError("--half samples in float16 on a CUDA GPU, and none is available")
+    y = torch.tensor(classes, device=device).repeat(n_per_class)
+    H, W = model.input_size
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    images = sample(pipe.model, pipe.objective, (len(y), pipe.model.in_channels, H, W), y=y,
-                    cfg_scale=args.cfg if conditional else 1.0, steps=args.steps, sampler=args.sampler,
-                    generator=generator).float().clamp(-1, 1).cpu()
-    if args.out.endswith(".npz"):
+    with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
+        raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
+                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided)
+    images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()
+    if folder:
+        save_image_folder(args.out, images, y.cpu() if conditional else None)
+    elif args.out.endswith(".npz"):
         with atomic_path(args.out) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images.numpy(), labels=y.cpu().numpy())
+    elif clip_out:
+        (save_gif if args.out.endswith(".gif") else save_mp4)(args.out, images, nrow=len(classes), scale=2)
     else:
         save_grid(args.out, images, nrow=len(classes))
     print(f"wrote {len(y)} samples to {args.out}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from ditkit.data.conditions import make_condition
+    from ditkit.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
+    from ditkit.images import save_grid
+    from ditkit.models import VideoDiT
+    from ditkit.models.control import ControlDiT
+    from ditkit.pipeline import load_pipeline
+
+    if not args.out.endswith(".png"):
+        raise ValueError(f"--out must end in .png, got {args.out}")
+    if args.n < 1 or args.scale < 1:
+        raise ValueError(f"--n and --scale must be >= 1, got {args.n} and {args.scale}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    image = read_image(args.image).to(device).repeat(args.n, 1, 1, 1)
+    mask = read_mask(args.mask).to(device) if args.mask else None
+    pipe = load_pipeline(args.ckpt, ema=args.ema, device=device)
+    if pipe.vae is not None or pipe.info.get("latent", False) or isinstance(pipe.model, VideoDiT):
+        raise ValueError(f"{args.ckpt} is a latent or video run: editing works on pixel-space image runs only")
+    model = pipe.model
+    if args.prompt is not None or pipe.is_text_model:  # the prompt acts as class label 0
+        if args.class_ is not None or args.prompt is None:
+            raise ValueError("a text-to-image run takes --prompt TEXT, a class-conditional one --class K")
+        model = pipe.with_prompts([args.prompt])
+        y = torch.zeros(args.n, dtype=torch.long, device=device)
+    else:
+        K = pipe.num_classes
+        conditional = pipe.info.get("conditional", K > 1)
+        if args.class_ is not None and not (conditional and 0 <= args.class_ < K):
+            raise ValueError(f"--class {args.class_}: this model has "
+                             + (f"classes 0..{K - 1}" if conditional else "no classes (it is unconditional)"))
+        y = None if args.class_ is None else torch.full((args.n,), args.class_, device=device)
+    control = isinstance(model, ControlDiT)
+    if control:  # the structure comes from the input image
+        model = model.bind(make_condition(model.condition, image))
+    strength = args.strength
+    if strength is None:
+        strength = 1.0 if mask is not None or control else DEFAULT_STRENGTH
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = edit(model, pipe.objective, image, mask, strength, y=y, cfg_scale=args.cfg if y is not None else 1.0,
+               steps=args.steps, sampler=args.sampler, jump_length=args.jump_length,
+               jump_n_sample=args.jump_n_sample, generator=generator, progress=True)
+    save_grid(args.out, out.float().clamp(-1, 1).cpu(), nrow=args.n, scale=args.scale)
+    what = "inpainted" if mask is not None else f"{model.control.condition}-controlled" if control else "edited"
+    print(f"wrote {args.n} {what} image(s) (strength {strength}) to {args.out}")
     return 0
 
 
@@ -91,7 +190,9 @@ EVAL_ROWS = (("classifier_heldout_accuracy", "classifier accuracy, held-out real
 def cmd_eval(args: argparse.Namespace) -> int:
     from ditkit.evaluate import evaluate, load_samples
 
-    images, labels = load_samples(args.samples)
+    # folder samples are read at the classifier's size for the mnist reference, else at their own
+    size = dict(image_size=32, channels=1) if args.reference == "mnist" else {}
+    images, labels = load_samples(args.samples, **size)
     metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
     if args.json:
         print(json.dumps(metrics))
@@ -107,6 +208,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         elif key == "inception_score":
             extra = f"   (std {metrics['inception_score_std']:.3f})"
         print(f"{name:<36} {metrics[key]:>10.4f}{extra}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ditkit.interop.official import convert_official
+
+    out = convert_official(args.from_official, args.out, num_heads=args.num_heads, ema=args.ema, vae=args.vae)
+    config = json.loads((out / "config.json").read_text())
+    print(f"converted {args.from_official} -> {out}: depth {config['depth']}, width {config['hidden_size']}, "
+          f"{config['num_heads']} heads, patch {config['patch_size']}, input {config['input_size']}, "
+          f"{config['num_classes']} classes")
+    print(f"sample: ditkit sample --ckpt {out} --paper{'' if args.vae else ' --vae VAE_DIR'} --out samples.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ditkit.interop.onnx import export_onnx, max_onnx_error
+    from ditkit.pipeline import load_pipeline
+
+    model = load_pipeline(args.ckpt, ema=args.ema).model
+    path = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {path}: inputs x (N, {model.in_channels}, {model.input_size[0]}, {model.input_size[1]}) float32, "
+          f"t (N,) float32, y (N,) int64; output (N, {model.out_channels}, ...); N dynamic")
+    print(f"onnxruntime vs PyTorch, batch of 3: max abs difference {max_onnx_error(model, path):.2e}")
+    return 0
+
+
+def cmd_extract_latents(args: argparse.Namespace) -> int:
+    from ditkit.data.latents import extract_latents, load_latents
+
+    out = extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
+                          flip=args.flip, seed=args.seed)
+    data = load_latents(out)
+    print(f"{len(data)} latents {tuple(data.images.shape[1:])} of {data.num_classes} class(es) in {out}; "
+          f"train with: ditkit train --data {out}")
     return 0
 
 
@@ -146,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a DiT (config file, flags, and key=value overrides)")
     p.add_argument("--config", help="YAML or JSON file of TrainConfig keys (see configs/)")
-    p.add_argument("--data", help="mnist | patterns | a directory of images (one subfolder per class, or none)")
+    p.add_argument("--data", help="mnist | patterns | a directory of images (one subfolder per class, or none) | "
+                   "a latent cache from extract-latents")
     p.add_argument("--model", help="zoo name such as DiT-S/2, or custom (hidden_size=..., depth=...)")
     p.add_argument("--objective", choices=["flow", "ddpm"])
     p.add_argument("--steps", type=int)
@@ -161,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--control", choices=["edges", "lowres"], help="train a structure-control branch on this "
+                   "condition image; the --base model stays frozen")
+    p.add_argument("--base", help="with --control: the base run (or checkpoint) directory")
     p.add_argument("assignments", nargs="*", metavar="key=value", help="any TrainConfig field, e.g. lr=1e-4")
     p.set_defaults(func=cmd_train)
 
@@ -168,16 +308,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels (default: all)")
-    p.add_argument("--n-per-class", type=int, default=8)
+    p.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
+                   help="text-to-image runs: one or more prompts, one column each (default: 10 training captions)")
+    p.add_argument("--n-per-class", type=int, help="samples per class (default 8; 1 with --paper)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
     p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images in [-1, 1], labels)")
+    p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
+                   "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "
+                   "(needs imageio-ffmpeg), a grid of clips")
+    p.add_argument("--paper", action="store_true", help="the original DiT sample.py: 250 DDPM steps, CFG 4.0 on "
+                   "3 channels (and its 8 ImageNet classes for a 1000-class model)")
+    p.add_argument("--vae", help="diffusers AutoencoderKL directory that decodes latents (default: the run's)")
+    p.add_argument("--half", action="store_true", help="sample in float16 (autocast) on a CUDA GPU")
+    p.add_argument("--frames", type=int, help="frames per clip, video models (default: the frames trained on)")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("convert", help="an original DiT checkpoint (.pt) -> a ditkit checkpoint directory")
+    p.add_argument("--from-official", required=True, metavar="FILE.pt",
+                   help="DiT-XL-2-256x256.pt / 512x512 from the authors' release, or a checkpoint of their train.py")
+    p.add_argument("--out", required=True, help="new checkpoint directory (config.json, model.safetensors, run.json)")
+    p.add_argument("--num-heads", type=int, help="attention heads, when the size matches no zoo model")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="training checkpoints: take the EMA weights (default) or --no-ema for the raw model")
+    p.add_argument("--vae", help="diffusers AutoencoderKL directory to remember for decoding its samples")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a run's model for deployment (ONNX, dynamic batch)")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, help="FILE.onnx")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("extract-latents", help="encode an image folder once with a VAE into a latent cache for "
+                       "`train --data CACHE`")
+    p.add_argument("--data", required=True, help="directory of images (one subfolder per class, or none)")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: a local directory (or a hub id "
+                   "where a network exists), e.g. stabilityai/sd-vae-ft-ema")
+    p.add_argument("--out", required=True, help="cache directory; rerun the same command to resume it")
+    p.add_argument("--image-size", type=int, default=256, help="images are centre-cropped and resized to this")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--flip", action="store_true", help="also encode each image's mirror image")
+    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
+    p.set_defaults(func=cmd_extract_latents)
+
+    p = sub.add_parser("edit", help="edit an image with a run: image-to-image, inpainting, structure control")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory (a control run: the "
+                   "input image gives the condition)")
+    p.add_argument("--image", required=True, help="input image, of the model's size and channels")
+    p.add_argument("--mask", help="inpainting mask of the image's size: white = regenerate, black = keep")
+    p.add_argument("--strength", type=float, help="0 = the input unchanged .. 1 = from pure noise "
+                   "(default: 1 with --mask or a control run, else 0.6)")
+    p.add_argument("--class", dest="class_", type=int, metavar="K", help="class label (default: unconditional)")
+    p.add_argument("--prompt", help="text prompt (text-to-image runs)")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale, with --class or --prompt")
+    p.add_argument("--steps", type=int, help="sampling steps of the full schedule (default: the sampler's)")
+    p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
+    p.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint jump length in steps")
+    p.add_argument("--jump-n-sample", type=int, default=1, help="inpainting: times each stretch is sampled")
+    p.add_argument("--n", type=int, default=1, help="how many edits of the image (one row)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="FILE.png: the edited image(s) in one row")
+    p.add_argument("--scale", type=int, default=1, help="enlarge each pixel of --out to SCALE x SCALE")
+    p.set_defaults(func=cmd_edit)
+
     p = sub.add_parser("eval", help="sample-quality metrics of an .npz of samples (FD, precision/recall, FID, IS)")
-    p.add_argument("--samples", required=True, help="FILE.npz with images (N, C, H, W) in [-1, 1] and optional labels")
+    p.add_argument("--samples", required=True, help="FILE.npz with images (N, C, H, W) in [-1, 1] and optional "
+                   "labels, or a folder of images (DIR/<label>/*.png as `ditkit sample --out DIR/` writes, or DIR/*.png)")
     p.add_argument("--reference", default="mnist", help="mnist (default) | a directory of images | FILE.npz")
     p.add_argument("--inception-weights", help="pytorch-fid pt_inception state dict: adds Inception FID and IS")
     p.add_argument("--json", action="store_true", help="print one JSON object of every metric")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -57,6 +58,53 @@ def save_png(path: str | os.PathLike, array: np.ndarray, scale: int = 1) -> None
 def save_grid(path: str | os.PathLike, images: Tensor, nrow: int, scale: int = 1) -> None:
     """Write (N, C, H, W) images in [-1, 1] as one PNG grid, `nrow` per row, enlarged `scale` times."""
     save_png(path, make_grid(images, nrow), scale)
+
+
+def clip_frames(clips: Tensor, nrow: int, scale: int = 1) -> list[np.ndarray]:
+    """Clips (N, C, F, H, W) in [-1, 1] -> F uint8 grids (one per frame, `nrow` clips per row, see
+    `make_grid`), each pixel enlarged to `scale` x `scale`."""
+    if clips.ndim != 5 or scale < 1:
+        raise ValueError(f"expected clips (N, C, F, H, W) and scale >= 1, got {tuple(clips.shape)} and {scale}")
+    return [make_grid(clips[:, :, f], nrow).repeat(scale, axis=0).repeat(scale, axis=1)
+            for f in range(clips.shape[2])]
+
+
+def save_gif(path: str | os.PathLike, clips: Tensor, nrow: int, scale: int = 1, fps: float = 8.0) -> None:
+    """Write clips (N, C, F, H, W) in [-1, 1] as one looping animated GIF of grids (Pillow)."""
+    frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in clip_frames(clips, nrow, scale)]
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                       loop=0)
+
+
+def save_mp4(path: str | os.PathLike, clips: Tensor, nrow: int, scale: int = 1, fps: float = 8.0) -> None:
+    """Write clips (N, C, F, H, W) in [-1, 1] as an H.264 MP4 of grids; needs imageio-ffmpeg."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing") from None
+    frames = clip_frames(clips, nrow, scale)
+    # H.264 wants sides divisible by 16 (or ffmpeg rescales): pad with the grid's white
+    h, w = frames[0].shape[:2]
+    pad = ((0, -h % 16), (0, -w % 16), (0, 0))
+    frames = [np.pad(np.broadcast_to(a, (h, w, 3)), pad, constant_values=255) for a in frames]
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w + pad[1][1], h + pad[0][1]), fps=fps,
+                                             output_params=["-f", "mp4"])  # the temp name has no .mp4
+        writer.send(None)  # start the generator
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+
+
+def save_image_folder(root: str | os.PathLike, images: Tensor, labels: Tensor | None = None) -> None:
+    """Write (N, C, H, W) images in [-1, 1] one PNG each: ROOT/<label>/<index>.png, or ROOT/<index>.png
+    without labels (the layout that `load_samples` and image-folder training read back)."""
+    root = Path(root)
+    for i, array in enumerate(to_uint8(images)):
+        folder = root / str(int(labels[i])) if labels is not None else root
+        folder.mkdir(parents=True, exist_ok=True)
+        save_png(folder / f"{i:05d}.png", array)
 
 
 def save_comparison(path: str | os.PathLike, real: Tensor, generated: Tensor, scale: int = 2) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
 from ditkit.diffusion.flow import FlowMatching
-from ditkit.diffusion.gaussian import GaussianDiffusion, space_timesteps
+from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, space_timesteps
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100}
@@ -69,11 +69,33 @@ def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]
     raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
 
 
+def sampling_schedule(objective: GaussianDiffusion | FlowMatching, sampler: str | None,
+                      steps: int | None) -> tuple[str, GaussianDiffusion | FlowMatching, int]:
+    """What `sample` runs for `sampler` and `steps` (arguments as there): the sampler's name, the objective
+    (a Gaussian one respaced) and the number of steps, so that callers can address the loop's levels
+    (see `sampling_levels`)."""
+    allowed = samplers_for(objective)
+    sampler = sampler or allowed[0]
+    if sampler not in allowed:
+        raise ValueError(f"unknown sampler {sampler!r} for {type(objective).__name__}: "
+                         f"expected one of {', '.join(allowed)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(objective, FlowMatching):
+        return sampler, objective, steps or DEFAULT_STEPS[sampler]
+    diffusion = objective
+    if steps is not None or objective.num_timesteps == objective.original_num_steps:
+        n = steps or DEFAULT_STEPS[sampler]
+        diffusion = objective.respace(ddim_respacing(n, objective.original_num_steps) if sampler == "ddim" else str(n))
+    return sampler, diffusion, diffusion.num_timesteps
+
+
 def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatching, shape: Sequence[int],
            y: Tensor | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
            steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, *, guided_channels: int | None = None, null_label: int | None = None,
-           noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None) -> Tensor:
+           noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None, start_step: int = 0,
+           step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -88,16 +110,13 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     null_label: the unconditional label when the model has no `num_classes` attribute.
     noise, step_noises: the start and the per-step noises (one per step, stochastic samplers), to replay
     a run; otherwise everything is drawn from `generator`.
+    start_step, step_hook, jump_length, jump_n_sample: for editing (`ditkit.editing`): skip the noisiest
+    steps (`noise` is then the state there), re-impose something after each step, RePaint's resampling
+    jumps; the loop's levels are those of `sampling_schedule` (see `sampling_levels`).
     """
     shape = tuple(shape)
     C = shape[1] if len(shape) > 1 else 0
-    allowed = samplers_for(objective)
-    sampler = sampler or allowed[0]
-    if sampler not in allowed:
-        raise ValueError(f"unknown sampler {sampler!r} for {type(objective).__name__}: "
-                         f"expected one of {', '.join(allowed)}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    sampler, schedule, n = sampling_schedule(objective, sampler, steps)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (N, C, ...) with positive sizes, got {shape}")
     if cfg_interval is not None and not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
@@ -121,13 +140,9 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
                              "so pass null_label=")
     model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction)
 
-    common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator)
-    if isinstance(objective, FlowMatching):
-        return objective.sample_loop(model_fn, shape, noise, sampler=sampler, steps=steps or DEFAULT_STEPS[sampler],
-                                     **common)
-    diffusion = objective
-    if steps is not None or objective.num_timesteps == objective.original_num_steps:
-        n = steps or DEFAULT_STEPS[sampler]
-        diffusion = objective.respace(ddim_respacing(n, objective.original_num_steps) if sampler == "ddim" else str(n))
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator,
+                  start_step=start_step, step_hook=step_hook, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    if isinstance(schedule, FlowMatching):
+        return schedule.sample_loop(model_fn, shape, noise, sampler=sampler, steps=n, **common)
+    loop = schedule.p_sample_loop if sampler == "ddpm" else schedule.ddim_sample_loop
     return loop(model_fn, shape, noise, clip_denoised=False, **common)

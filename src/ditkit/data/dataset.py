@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,13 +23,18 @@ class ImageDataset:
     class_names: list[str] = field(default_factory=list)
     hflip: bool = False  # whether random horizontal flips are a valid augmentation (not for digits)
     conditional: bool = True  # whether labels carry meaning
+    captions: list[str] | None = None  # one text per image, for text-conditioned models
+
+    layout: ClassVar[tuple[str, ...]] = ("N", "C", "H", "W")  # the axes of `images` (VideoDataset: clips)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.labels.shape != (len(self.images),):
-            raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(self.images.shape)} "
+        if self.images.ndim != len(self.layout) or self.labels.shape != (len(self.images),):
+            raise ValueError(f"images must be ({', '.join(self.layout)}) with one label each, got {tuple(self.images.shape)} "
                              f"and {tuple(self.labels.shape)}")
         if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise ValueError(f"{len(self.captions)} captions for {len(self.images)} images: give one caption per image")
         if not self.class_names:
             self.class_names = [str(k) for k in range(self.num_classes)]
 
@@ -45,12 +51,23 @@ class ImageDataset:
 
     def subset(self, index: Tensor) -> ImageDataset:
         """The images at `index` (indices or a boolean mask), with the same classes."""
-        return replace(self, images=self.images[index], labels=self.labels[index])
+        captions = None if self.captions is None else [self.captions[i] for i in torch.arange(len(self))[index]]
+        return replace(self, images=self.images[index], labels=self.labels[index], captions=captions)
+
+    def captions_as_labels(self) -> ImageDataset:
+        """Label k = the k-th distinct caption (sorted): text models then use the label machinery (label
+        dropout for guidance, per-class sample grids) with the captions as class names."""
+        if self.captions is None:
+            raise ValueError("this dataset has no captions")
+        names = sorted(set(self.captions))
+        index = {name: k for k, name in enumerate(names)}
+        labels = torch.tensor([index[c] for c in self.captions])
+        return replace(self, labels=labels, num_classes=len(names), class_names=names, conditional=True)
 
     def as_unconditional(self) -> ImageDataset:
         """The same images as one class: every label 0, num_classes 1, conditional False."""
         return replace(self, labels=torch.zeros_like(self.labels), num_classes=1, class_names=["all"],
-                       conditional=False)
+                       conditional=False, captions=None)
 
     def with_channels(self, channels: int) -> ImageDataset:
         """Repeat a 1-channel set to `channels`, or reject a conversion that would invent colour."""

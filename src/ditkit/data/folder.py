@@ -39,6 +39,21 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     return arr / 127.5 - 1
 
 
+def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str], list[str]]:
+    """(files as (path, class name), group names, class subfolders) of an image folder; with class
+    subfolders the groups are their sorted names, without them one group "all" (unconditional)."""
+    root = Path(root)
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = {name: _images_in(root / name) for name in subfolders} if subfolders else {"all": _images_in(root)}
+    files = [(path, name) for name, paths in groups.items() for path in paths]
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders")
+    if subfolders and _images_in(root):
+        warnings.warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
+                      stacklevel=3)
+    return files, list(groups), subfolders
+
+
 def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3) -> ImageDataset:
     """Decode every image under `root` into one ImageDataset (random flips allowed).
 
@@ -52,14 +67,7 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     root = Path(root)
-    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    groups = {name: _images_in(root / name) for name in subfolders} if subfolders else {"all": _images_in(root)}
-    files = [(path, name) for name, paths in groups.items() for path in paths]
-    if not files:
-        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders")
-    if subfolders and _images_in(root):
-        warnings.warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
-                      stacklevel=2)
+    files, groups, subfolders = list_images(root)
 
     images, names, unreadable = [], [], []
     for path, name in tqdm(files, desc=f"loading {root}", disable=len(files) <= 1000):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ditkit.diffusion.gaussian import check_step_noises, mean_flat
+from ditkit.diffusion.gaussian import StepHook, check_step_noises, mean_flat, sampling_levels
 
 Model = Callable[..., Tensor]
 
@@ -73,6 +73,17 @@ class FlowMatching:
         t = self._bcast(t, x_start)
         return (1 - t) * x_start + t * noise
 
+    def renoise(self, x: Tensor, s: float, t: float, noise: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """A draw of x_t given x_s, s < t, on the path: x_t = (1 - t) / (1 - s) x_s + sigma z with
+        sigma^2 = t^2 - ((1 - t) s / (1 - s))^2, which keeps x_t | x0 = N((1 - t) x0, t^2 I) (RePaint's jump)."""
+        if not 0.0 <= s < t <= 1.0:
+            raise ValueError(f"renoise needs 0 <= s < t <= 1, got s={s}, t={t}")
+        a = (1 - t) / (1 - s)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return a * x + max(t * t - (a * s) ** 2, 0.0) ** 0.5 * noise
+
     def time_fraction(self, model_t: Tensor) -> Tensor:
         """Where a model timestep lies in the trajectory: flow time t (1 = pure noise)."""
         return model_t.float() / FLOW_TIME_SCALE
@@ -106,7 +117,8 @@ class FlowMatching:
                     sampler: str = "heun", steps: int = 50, shift: float | None = None, sde_scale: float = 1.0,
                     model_kwargs: dict[str, Any] | None = None, device: torch.device | str | None = None,
                     progress: bool = False, step_noises: Sequence[Tensor] | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, start_step: int = 0,
+                    step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
         """Integrate from `noise` (or a fresh draw) at t = 1 to t = 0.
 
         "euler": x <- x + h v (1 model call per step). "heun": Heun's 2nd-order method (Karras et al. 2022,
@@ -114,13 +126,17 @@ class FlowMatching:
         g(t)^2 = 2 sde_scale t, which keeps the path's marginals; with the score -(x + (1 - t) v) / t its
         drift is v + sde_scale * eps_hat (eps_hat = x + (1 - t) v) and fresh noise sqrt(2 sde_scale t |h|) z
         enters every step but the last. step_noises (sde only): one tensor per step replaces the draws.
+        For editing (as GaussianDiffusion.p_sample_loop): start_step skips that many steps (`noise` is then
+        the state at grid time timesteps(steps)[start_step]); step_hook(x, level) after every step, level
+        `steps` being t = 0; jump_length and jump_n_sample add RePaint's resampling jumps.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for flow matching: expected one of {', '.join(SAMPLERS)}")
         grid = self.timesteps(steps, shift)
         if sampler != "sde" and step_noises is not None:
             raise ValueError(f"sampler {sampler!r} is deterministic and takes no step_noises (only 'sde' does)")
-        check_step_noises(step_noises, steps)
+        levels = sampling_levels(steps, start_step, jump_length, jump_n_sample)  # level i is at time grid[i]
+        check_step_noises(step_noises, sum(b > a for a, b in zip(levels, levels[1:])))
         x = noise.to(device) if noise is not None and device is not None else noise
         if x is None:
             x = torch.randn(*shape, generator=generator, device=device)
@@ -129,9 +145,13 @@ class FlowMatching:
         def v(x_: Tensor, t: float) -> Tensor:
             return self.velocity(model, x_, torch.full((N,), t, device=x_.device, dtype=torch.float32), model_kwargs)
 
+        i = 0
         with torch.no_grad():
-            for i in tqdm(range(steps), disable=not progress, desc=sampler, delay=1.0):
-                t, s = float(grid[i]), float(grid[i + 1])
+            for a, b in tqdm(list(zip(levels, levels[1:])), disable=not progress, desc=sampler, delay=1.0):
+                t, s = float(grid[a]), float(grid[b])
+                if b < a:
+                    x = self.renoise(x, t, s, generator=generator)
+                    continue
                 h = s - t  # negative: time runs from noise to data
                 d = v(x, t)
                 if sampler == "euler":
@@ -146,4 +166,30 @@ class FlowMatching:
                          torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
                     if s > 0:
                         x = x + (2 * sde_scale * t * -h) ** 0.5 * z
+                i += 1
+                if step_hook is not None:
+                    x = step_hook(x, b)
         return x
+
+
+class EpsilonFromVelocity(torch.nn.Module):
+    """A flow-matching (velocity) model as an epsilon model of a Gaussian diffusion, so that the DDPM and
+    DDIM samplers run it unchanged (the same network under every sampler).
+
+    The Gaussian x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, divided by a + b (a = sqrt(abar),
+    b = sqrt(1 - abar)), is the flow state at s = b / (a + b); there the velocity gives
+    eps = x_s + (1 - s) v. `alphas_cumprod` is the base schedule's (the steps the model is called with).
+    """
+
+    def __init__(self, model: Model, alphas_cumprod: Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        abar = self.alphas_cumprod.to(x.device)[t.long()]
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        s = (b / (a + b)).to(torch.float32)
+        x_s = x / FlowMatching._bcast((a + b).to(x.dtype), x)
+        v = self.model(x_s, s * FLOW_TIME_SCALE, *args, **kwargs).to(x.dtype)
+        return x_s + FlowMatching._bcast((1 - s).to(x.dtype), x) * v

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 Model = Callable[..., Tensor]
+StepHook = Callable[[Tensor, int], Tensor]  # (state after a step, level reached) -> state to go on from
 
 SCHEDULES = ("linear", "cosine")
 MEAN_TYPES = ("epsilon", "x0")
@@ -145,6 +146,30 @@ def check_step_noises(step_noises: Sequence[Tensor] | None, steps: int) -> None:
         raise ValueError(f"step_noises must hold one tensor per sampling step ({steps}), got {len(step_noises)}")
 
 
+def sampling_levels(steps: int, start_step: int = 0, jump_length: int = 1, jump_n_sample: int = 1) -> list[int]:
+    """The levels a sampling loop visits, in order: level i is the state before the i-th of `steps` steps
+    (0 = the start noise, `steps` = data).
+
+    Plain sampling visits start_step, start_step + 1, ..., steps. With RePaint's resampling jumps
+    (Lugmayr et al. 2022, sec. 4.2) the state is noised back `jump_length` levels after every
+    `jump_length` steps (never past start_step, never from the data), so each such stretch is sampled
+    `jump_n_sample` times in all; jump_length 1 is the paper's Algorithm 1 with U = jump_n_sample.
+    """
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in 0..{steps} (the number of steps), got {start_step}")
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} and {jump_n_sample}")
+    levels, jumps, level = [start_step], {}, start_step
+    while level < steps:
+        level += 1
+        levels.append(level)
+        if level < steps and (level - start_step) % jump_length == 0 and jumps.get(level, 0) < jump_n_sample - 1:
+            jumps[level] = jumps.get(level, 0) + 1
+            level -= jump_length
+            levels.append(level)
+    return levels
+
+
 # ------------------------------------------------------------------------------------------------
 # The diffusion
 # ------------------------------------------------------------------------------------------------
@@ -243,6 +268,17 @@ class GaussianDiffusion:
         return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
+    def renoise(self, x: Tensor, t_from: int, t_to: int, noise: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """A draw of x_{t_to} given x_{t_from}, t_from < t_to, under the forward process:
+        N(sqrt(abar_to / abar_from) x, (1 - abar_to / abar_from) I) (RePaint's jump back to more noise)."""
+        if not 0 <= t_from < t_to < self.num_timesteps:
+            raise ValueError(f"renoise needs 0 <= t_from < t_to < {self.num_timesteps}, got {t_from} and {t_to}")
+        ratio = float(self.alphas_cumprod[t_to] / self.alphas_cumprod[t_from])
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return ratio ** 0.5 * x + (1 - ratio) ** 0.5 * noise
+
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of the posterior q(x_{t-1} | x_t, x_0)."""
         mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
@@ -326,39 +362,59 @@ class GaussianDiffusion:
     def _loop(self, step: Callable[..., dict[str, Tensor]], model: Model, shape: Sequence[int],
               noise: Tensor | None, model_kwargs: dict[str, Any] | None, device: torch.device | str | None,
               progress: bool, step_noises: Sequence[Tensor] | None, generator: torch.Generator | None,
-              desc: str, **step_kwargs: Any) -> Tensor:
-        check_step_noises(step_noises, self.num_timesteps)
+              desc: str, start_step: int, step_hook: StepHook | None, jump_length: int, jump_n_sample: int,
+              **step_kwargs: Any) -> Tensor:
+        # level i is the state before the i-th step, at index T - 1 - i (index -1: x_0)
+        T = self.num_timesteps
+        levels = sampling_levels(T, start_step, jump_length, jump_n_sample)
+        check_step_noises(step_noises, sum(b > a for a, b in zip(levels, levels[1:])))
         if noise is not None:
             img = noise.to(device) if device is not None else noise
         else:
             img = torch.randn(*shape, generator=generator, device=device)
-        indices = range(self.num_timesteps - 1, -1, -1)
-        for i, k in enumerate(tqdm(indices, disable=not progress, desc=desc, delay=1.0)):
-            t = torch.full((img.shape[0],), k, device=img.device, dtype=torch.long)
+        i = 0
+        for a, b in tqdm(list(zip(levels, levels[1:])), disable=not progress, desc=desc, delay=1.0):
+            if b < a:
+                img = self.renoise(img, T - 1 - a, T - 1 - b, generator=generator)
+                continue
+            t = torch.full((img.shape[0],), T - 1 - a, device=img.device, dtype=torch.long)
             with torch.no_grad():
                 img = step(model, img, t, model_kwargs=model_kwargs,
                            noise=_step_noise(step_noises, i, img, generator), **step_kwargs)["sample"]
+            i += 1
+            if step_hook is not None:
+                img = step_hook(img, b)
         return img
 
     def p_sample_loop(self, model: Model, shape: Sequence[int], noise: Tensor | None = None, *,
                       clip_denoised: bool = True, denoised_fn: Callable[[Tensor], Tensor] | None = None,
                       model_kwargs: dict[str, Any] | None = None, device: torch.device | str | None = None,
                       progress: bool = False, step_noises: Sequence[Tensor] | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, start_step: int = 0,
+                      step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
         """Ancestral sampling over all steps of this (respaced) diffusion, from `noise` (or a fresh draw)
         at the last step to x_0. step_noises[i] replaces the noise drawn at the i-th step (from the
-        noisiest); otherwise all noise comes from `generator`."""
+        noisiest); otherwise all noise comes from `generator`.
+
+        For editing: start_step skips that many of the noisiest steps (`noise` is then the state at step
+        T - 1 - start_step); step_hook(x, level) is called after every step with the level reached (see
+        `sampling_levels`; level T is x_0) and returns the state to go on from; jump_length and
+        jump_n_sample add RePaint's resampling jumps (their noise always comes from `generator`)."""
         return self._loop(self.p_sample, model, shape, noise, model_kwargs, device, progress, step_noises,
-                          generator, "ddpm", clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+                          generator, "ddpm", start_step, step_hook, jump_length, jump_n_sample,
+                          clip_denoised=clip_denoised, denoised_fn=denoised_fn)
 
     def ddim_sample_loop(self, model: Model, shape: Sequence[int], noise: Tensor | None = None, *,
                          clip_denoised: bool = True, denoised_fn: Callable[[Tensor], Tensor] | None = None,
                          model_kwargs: dict[str, Any] | None = None, device: torch.device | str | None = None,
                          progress: bool = False, eta: float = 0.0, step_noises: Sequence[Tensor] | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
+                         generator: torch.Generator | None = None, start_step: int = 0,
+                         step_hook: StepHook | None = None, jump_length: int = 1,
+                         jump_n_sample: int = 1) -> Tensor:
         """DDIM sampling over all steps of this (respaced) diffusion; arguments as `p_sample_loop`."""
         return self._loop(self.ddim_sample, model, shape, noise, model_kwargs, device, progress, step_noises,
-                          generator, "ddim", clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
+                          generator, "ddim", start_step, step_hook, jump_length, jump_n_sample,
+                          clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
 
     # ---- training ------------------------------------------------------------------------------
     def _vb_terms_bpd(self, model: Model, x_start: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True,

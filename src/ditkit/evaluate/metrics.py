@@ -16,9 +16,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ditkit.data import load_dataset
+from ditkit.data.folder import EXTENSIONS, load_folder
 from ditkit.evaluate.classifier import DigitClassifier, accuracy, load_classifier
 
 RANGE_SLACK = 1e-3  # samples are clamped to [-1, 1]; allow float rounding from other writers
@@ -120,11 +122,21 @@ def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[floa
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def load_samples(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
-    """`images` (N, C, H, W) and, if present, `labels` (N,) from an .npz written by `ditkit sample`."""
+def load_samples(path: str | os.PathLike, image_size: int | None = None,
+                 channels: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """`images` (N, C, H, W) in [-1, 1] and, if present, `labels` (N,) from samples on disk.
+
+    path: an .npz written by `ditkit sample --out FILE.npz` (arrays `images`, optional `labels`), or a
+    folder of images as `ditkit sample --out DIR/` writes it (DIR/<label>/*.png; labels are the subfolder
+    names, which must then be integers) or any DIR/*.png (no labels). Folder images are centre-cropped
+    and resized to `image_size` with `channels` (default: the first image's shorter side and mode).
+    """
     path = Path(path)
+    if path.is_dir():
+        return _load_sample_folder(path, image_size, channels)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path} (expected an .npz with an `images` array)")
+        raise FileNotFoundError(f"no such file or folder: {path} (expected an .npz with an `images` array, "
+                                f"or a folder of images)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -136,6 +148,25 @@ def load_samples(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     images = torch.from_numpy(np.asarray(arrays["images"], dtype=np.float32))
     labels = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else None
     return images, labels
+
+
+def _load_sample_folder(root: Path, image_size: int | None, channels: int | None) -> tuple[Tensor, Tensor | None]:
+    if image_size is None or channels is None:
+        first = next((p for p in sorted(root.rglob("*")) if p.suffix.lower() in EXTENSIONS
+                      and not p.name.startswith(".")), None)
+        if first is None:
+            raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its subfolders")
+        with Image.open(first) as im:
+            image_size = image_size or min(im.size)
+            channels = channels or (1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+    data = load_folder(root, image_size=image_size, channels=channels)
+    if not data.conditional:
+        return data.images, None
+    if not all(name.isdigit() for name in data.class_names):
+        raise ValueError(f"{root}: class subfolders must be named by integer label (0, 1, ...) for labelled "
+                         f"samples, got {', '.join(data.class_names[:5])}; put unlabelled samples directly in {root}")
+    names = torch.tensor([int(name) for name in data.class_names])
+    return data.images, names[data.labels]
 
 
 def _check_images(images: Tensor, what: str, shape: tuple[int, ...] | None = None) -> Tensor:

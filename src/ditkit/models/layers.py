@@ -53,6 +53,35 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int]) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def sincos_2d_stretched(embed_dim: int, grid_size: int | tuple[int, int], base_size: int,
+                        scale: float = 1.0) -> np.ndarray:
+    """`sincos_2d` with each axis's coordinates stretched to span a `base_size` grid: index i of an
+    n-token axis sits at i * base_size / n / scale (PixArt and SD3 position any resolution this way,
+    so a grid of the training size gets integer positions / scale)."""
+    if embed_dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    h, w = to_2tuple(grid_size)
+    # float32 in this order, as the published implementations compute them
+    row_pos = np.arange(h, dtype=np.float32) / np.float32(h / base_size) / np.float32(scale)
+    col_pos = np.arange(w, dtype=np.float32) / np.float32(w / base_size) / np.float32(scale)
+    rows, cols = np.meshgrid(row_pos, col_pos, indexing="ij")
+    emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+    return emb.astype(np.float32)
+
+
+def sincos_3d(embed_dim: int, grid_size: tuple[int, int, int]) -> np.ndarray:
+    """Positions for an (f, h, w) spacetime token grid -> (f * h * w, embed_dim) float32, tokens in
+    (frame, row, column) order: 3/4 of the channels are the 2D embedding of (row, column), 1/4 the 1D
+    embedding of the frame, so every frame of a clip carries the image model's spatial code."""
+    if embed_dim % 16:
+        raise ValueError(f"3D sin-cos embedding needs a dimension divisible by 16, got {embed_dim}")
+    f, h, w = (int(s) for s in grid_size)
+    spatial = sincos_2d(embed_dim // 4 * 3, (h, w))  # (h * w, 3D/4)
+    temporal = sincos_1d(embed_dim // 4, np.arange(f, dtype=np.float32)).astype(np.float32)  # (f, D/4)
+    emb = np.concatenate([np.tile(spatial, (f, 1)), np.repeat(temporal, h * w, axis=0)], axis=1)
+    return emb
+
+
 # --------------------------------------------------------------------------------------------
 # Embedders
 # --------------------------------------------------------------------------------------------
@@ -70,6 +99,13 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> Tensor:
+    """Inverse of PatchEmbed's token layout: (N, h * w, p * p * C) -> (N, C, h * p, w * p)."""
+    (h, w), p = grid, patch_size
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, channels))
+    return x.reshape(x.shape[0], channels, h * p, w * p)
 
 
 class TimestepEmbedder(nn.Module):
@@ -198,3 +234,18 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight over the last dimension.
+    Applied to each head's queries and keys ("QK-norm"), it bounds the attention logits, which keeps
+    large text-to-image transformers stable in mixed precision (SD3, section 5.3.2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()  # the mean of squares in float32 even under bf16 autocast
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight

@@ -7,14 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditkit.data.conditions import check_condition
+
 
 @dataclass
 class TrainConfig:
     # data
-    data: str = "mnist"                 # "mnist", "patterns", or a directory of images
+    data: str = "mnist"                 # "mnist", "patterns", a directory of images, or a latent cache
     image_size: int | None = None       # None: the data source's default (32)
     channels: int | None = None         # None: the data source's default (mnist 1, others 3)
     unconditional: bool = False         # ignore class labels (null label only)
+    frames: int | None = None           # video sources (moving_mnist): frames per clip; None: the source's (8)
+    data_args: dict[str, Any] = field(default_factory=dict)  # source options, e.g. {"motion": "class"}
     # model: a zoo name ("DiT-S/2") or "custom" with the fields below; `model_args` overrides either
     model: str = "custom"
     hidden_size: int = 128
@@ -25,6 +29,17 @@ class TrainConfig:
     block: str = "adaln_zero"
     class_dropout_prob: float = 0.1
     model_args: dict[str, Any] = field(default_factory=dict)
+    # video data builds a VideoDiT from the fields above and these (a window goes in model_args)
+    patch_t: int = 1                    # frames per spacetime patch
+    attention: str = "full"             # "full" | "factorized" (spatial/temporal) | "windowed"
+    # structure control: train only a ControlNet-style branch on a frozen base run (model fields above unused)
+    control: str | None = None          # None, or the condition image: "edges" | "lowres"
+    base: str | None = None             # the base run or checkpoint directory (needed with control)
+    control_blocks: int | None = None   # blocks copied into the branch; None: half the base's depth
+    # text-to-image: captioned data (e.g. "shapes") trains a text model on its encoded captions
+    text_model: str = "mmdit"           # "mmdit" (SD3 joint attention) | "pixart" (adaLN-single + cross-attention)
+    text_encoder: str = "minilm"        # "minilm" | "bytes" | a local encoder directory (see ditkit.text)
+    text_max_length: int | None = None  # tokens kept per caption; None: the encoder's default
     # objective
     objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
     timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
@@ -66,7 +81,9 @@ class TrainConfig:
         return ("data", "image_size", "channels", "unconditional", "model", "hidden_size", "depth", "num_heads",
                 "patch_size", "mlp_ratio", "block", "class_dropout_prob", "model_args", "objective",
                 "timestep_sampling", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
-                "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp")
+                "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp", "frames", "data_args",
+                "patch_t", "attention", "control", "base",
+                "control_blocks", "text_model", "text_encoder", "text_max_length")
 
 
 def _field_types() -> dict[str, Any]:
@@ -137,11 +154,12 @@ def unknown_keys_message(keys: list[str]) -> str:
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     choices = {"objective": ("flow", "ddpm"), "precision": ("fp32", "bf16", "fp16"),
-               "timestep_sampling": ("uniform", "logit_normal")}
+               "timestep_sampling": ("uniform", "logit_normal"),
+               "attention": ("full", "factorized", "windowed")}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
-    positive = ("steps", "batch_size", "save_every", "keep_last", "log_every", "samples_per_class")
+    positive = ("steps", "batch_size", "save_every", "keep_last", "log_every", "samples_per_class", "patch_t")
     for key in positive:
         if getattr(c, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
@@ -151,3 +169,11 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0, got {c.lr}")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+    if c.text_model not in ("mmdit", "pixart"):
+        raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
+    if (c.control is None) != (c.base is None):
+        raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
+    if c.control is not None:
+        check_condition(c.control)
+        if c.fsdp:
+            raise ValueError("control training runs with DDP or one process, not fsdp=true")

@@ -21,12 +21,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ditkit.data import ImageDataset, load_dataset, random_hflip
+from ditkit.data import ImageDataset, LatentDataset, VideoDataset, load_dataset, random_hflip
 from ditkit.diffusion import FlowMatching, create_diffusion
-from ditkit.images import save_comparison, save_loss_curve
+from ditkit.images import save_comparison, save_gif, save_loss_curve
 from ditkit.io import write_json_atomic, write_text_atomic
-from ditkit.models import DiT, create_model
+from ditkit.data.conditions import make_condition
+from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
+from ditkit.models.control import ControlBranch, ControlDiT
+from ditkit.prompts import PromptTable
 from ditkit.sampling import sample
+from ditkit.text import TextEncoder, load_text_encoder
 from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
 from ditkit.train.config import TrainConfig
@@ -52,7 +56,7 @@ class TrainResult:
 
 def build_dataset(c: TrainConfig, split: str = "train") -> ImageDataset:
     return load_dataset(c.data, image_size=c.image_size, channels=c.channels, split=split,
-                        unconditional=c.unconditional)
+                        unconditional=c.unconditional, frames=c.frames, **c.data_args)
 
 
 def build_objective(objective: str, timestep_sampling: str = "logit_normal"):
@@ -70,13 +74,56 @@ def model_kwargs(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
                 learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob, **c.model_args)
 
 
-def build_model(c: TrainConfig, data: ImageDataset) -> DiT:
+def build_model(c: TrainConfig, data: ImageDataset) -> DiT | VideoDiT:
     kwargs = model_kwargs(c, data)
+    if isinstance(data, VideoDataset):
+        if c.model != "custom" or c.block != "adaln_zero":
+            raise ValueError("video data trains a VideoDiT (adaLN-Zero blocks): set model: custom and block: "
+                             "adaln_zero, and size it with hidden_size, depth, num_heads, patch_size, patch_t")
+        return VideoDiT(num_frames=data.frames, hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads,
+                        patch_size=c.patch_size, patch_t=c.patch_t, mlp_ratio=c.mlp_ratio,
+                        attention=c.attention, **kwargs)
     if c.model == "custom":
         arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
                     mlp_ratio=c.mlp_ratio, block=c.block)
         return DiT(**{**arch, **kwargs})
     return create_model(c.model, **{"block": c.block, **kwargs})
+
+
+
+def build_text_model(c: TrainConfig, data: ImageDataset, encoder: TextEncoder) -> PromptTable:
+    """An MMDiT or PixArtDiT sized by the config, behind a PromptTable of the data's distinct captions
+    (label k = caption k, encoded once; label dropout = the model's null caption)."""
+    arch = dict(input_size=data.image_size, in_channels=data.channels, hidden_size=c.hidden_size, depth=c.depth,
+                num_heads=c.num_heads, patch_size=c.patch_size, mlp_ratio=c.mlp_ratio, context_dim=encoder.dim,
+                learn_sigma=c.objective == "ddpm", **c.model_args)
+    if c.text_model == "mmdit":
+        model = MMDiT(pooled_dim=encoder.pooled_dim, pos_embed_max_size=None, **arch)
+    else:  # caption dropout comes from the trainer's generator (force_drop_ids), not the model's
+        model = PixArtDiT(caption_length=encoder.max_length, caption_dropout_prob=0.0, **arch)
+    return PromptTable.encode(model, encoder, data.class_names)
+
+
+def build_control_model(c: TrainConfig, data: ImageDataset, base_dir: Path) -> ControlDiT:
+    """The base run's (EMA) model, frozen, steered by a fresh branch of `control_blocks` copied blocks."""
+    from ditkit.pipeline import load_pipeline  # the pipeline module imports this one
+
+    pipe = load_pipeline(base_dir)
+    base = pipe.model
+    if type(base) is not DiT:
+        raise ValueError(f"structure control steers a class-conditional image DiT; {base_dir} holds a "
+                         f"{type(base).__name__}")
+    if pipe.info["objective"] != c.objective:
+        raise ValueError(f"the base run {base_dir} was trained with objective={pipe.info['objective']}: "
+                         f"train its control branch with the same objective")
+    facts = {"channels": (data.channels, base.in_channels),
+             "image size": ((data.image_size, data.image_size), base.input_size),
+             "classes": (data.num_classes, base.num_classes)}
+    wrong = [f"{name} {ours} vs the base's {theirs}" for name, (ours, theirs) in facts.items() if ours != theirs]
+    if wrong:
+        raise ValueError(f"data {c.data} does not fit the base model {base_dir}: {'; '.join(wrong)}")
+    blocks = c.control_blocks if c.control_blocks is not None else max(1, len(base.blocks) // 2)
+    return ControlDiT(base, ControlBranch.from_base(base, blocks, c.control))
 
 
 def lr_at(c: TrainConfig, step: int) -> float:
@@ -135,9 +182,14 @@ def draw_timesteps(objective, n: int, generator: torch.Generator) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 def run_info(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
-    return {"train_config": c.to_dict(), "objective": c.objective, "class_names": data.class_names,
+    info = {"train_config": c.to_dict(), "objective": c.objective, "class_names": data.class_names,
             "num_classes": data.num_classes, "channels": data.channels, "image_size": data.image_size,
             "conditional": data.conditional}
+    if isinstance(data, LatentDataset):  # sampling decodes with the VAE the latents came from
+        info.update(latent=True, vae=data.vae)
+    if isinstance(data, VideoDataset):
+        info["frames"] = data.frames
+    return info
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
@@ -157,21 +209,31 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict[str, float]]:
 
 
 @torch.no_grad()
-def write_sample_grid(path: Path, ema_model: DiT, objective, c: TrainConfig, data: ImageDataset,
+def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, objective, c: TrainConfig, data: ImageDataset,
                       device: torch.device, seed: int) -> None:
-    """One row of real images per class above `samples_per_class` rows of EMA samples."""
-    K = data.num_classes
-    real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in range(K)])
+    """One row of real images per class above `samples_per_class` rows of EMA samples (of a control run:
+    each conditioned on the real image above it). Clips: the same rows as an animated GIF, samples.gif."""
+    # at most 10 columns, evenly spaced over the classes (a caption set or ImageNet has far more)
+    shown = torch.linspace(0, data.num_classes - 1, min(data.num_classes, 10)).round().long()
+    K = len(shown)
+    real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in shown.tolist()])
     R = c.samples_per_class
-    y = torch.arange(K, device=device).repeat(R)
-    shape = (R * K, data.channels, data.image_size, data.image_size)
+    y = shown.to(device).repeat(R)
+    shape = (R * K, *real.shape[1:])
     generator = torch.Generator(device=device).manual_seed(seed)
     cfg = c.cfg_scale if data.conditional else 1.0
+    if c.control:
+        ema_model = ema_model.bind(make_condition(c.control, real.to(device)).repeat(R, 1, 1, 1))
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
                         sampler=c.sampler, generator=generator, progress=False)
+    if isinstance(data, LatentDataset):
+        real, images = data.decode(real, device).cpu(), data.decode(images, device)
     images = images.float().clamp(-1, 1).cpu()
-    save_comparison(path, real, images.reshape(R, K, *shape[1:]))
+    if isinstance(data, VideoDataset):
+        save_gif(path.with_suffix(".gif"), torch.cat([real, images]), nrow=K, scale=2)
+        return
+    save_comparison(path, real, images.reshape(R, K, *images.shape[1:]))
 
 
 def autocast(device: torch.device, precision: str):
@@ -186,7 +248,8 @@ def autocast(device: torch.device, precision: str):
 # ------------------------------------------------------------------------------------------------
 
 def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train a DiT as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png to c.out."""
+    """Train a DiT as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png
+    (samples.gif for video data) to c.out."""
     dist = distributed.setup()
     device = dist.device
     out = Path(c.out)
@@ -209,11 +272,24 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
 
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
     data = build_dataset(c)
+    encoder = None
+    if data.captions is not None:  # text-to-image: distinct captions become labels, each encoded once
+        data = data.captions_as_labels()
+        encoder = load_text_encoder(c.text_encoder, c.text_max_length)
     objective = build_objective(c.objective, c.timestep_sampling)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
-    model = build_model(c, data).to(device)
+    base_dir = ckpt.resolve_checkpoint(c.base) if c.control else None
+    if base_dir:
+        model = build_control_model(c, data, base_dir)
+    else:
+        model = build_text_model(c, data, encoder) if encoder else build_model(c, data)
+    model = model.to(device)
     model.grad_checkpointing = c.grad_checkpoint
     ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup)
+    # what checkpoints hold: the model, or only the control branch (the base is referenced by run.json)
+    saved, saved_ema = (model.branch, ema.model.branch) if c.control else (model, ema.model)
+    if encoder:  # the text model alone: its prompt table is rebuilt from the captions in run.json
+        saved, saved_ema = model.model, ema.model.model
     summary_writer = None  # created only once data and model are known to be valid
     if c.tensorboard and dist.is_main:
         try:
@@ -227,15 +303,15 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     step, skipped, metrics = 0, 0, []
 
     if start_ckpt is not None:
-        model.load_state_dict(ckpt.load_weights(start_ckpt, "model.safetensors"))
-        ema.model.load_state_dict(ckpt.load_weights(start_ckpt, "ema.safetensors"))
+        saved.load_state_dict(ckpt.load_weights(start_ckpt, "model.safetensors"))
+        saved_ema.load_state_dict(ckpt.load_weights(start_ckpt, "ema.safetensors"))
 
     train_model: nn.Module = model
     if dist.enabled:
         if c.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
+            for block in saved.blocks:
                 fully_shard(block)
             fully_shard(model)
         else:
@@ -260,18 +336,22 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         metrics = read_metrics(out / "metrics.csv", step)
 
     compiled = torch.compile(train_model) if c.compile else train_model
-    model_config = {"model_type": "DiT", **model.config}
+    model_config = {"model_type": type(saved).__name__, **saved.config}
     info = run_info(c, data)
+    if encoder:
+        info.update(text_model=c.text_model, text_encoder=encoder.spec)
+    if base_dir:
+        info["base_checkpoint"] = str(base_dir.resolve())
     if dist.is_main:
         write_json_atomic(out / "config.json", c.to_dict())
 
     def save(at_step: int) -> Path:
-        model_state = get_model_state_dict(model, options=full)
+        model_state = get_model_state_dict(saved, options=full)
         opt_state = get_optimizer_state_dict(model, optimizer, options=full)
         path = ckpt.step_dir(out, at_step)
         if dist.is_main:
             path = ckpt.save_checkpoint(
-                out, at_step, model_config, info, model_state, ema.model.state_dict(), opt_state,
+                out, at_step, model_config, info, model_state, saved_ema.state_dict(), opt_state,
                 {"step": at_step, "skipped_steps": skipped, "data": sampler.state(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None},
                 ckpt.rng_tensors({"train": gen}), c.keep_last)
@@ -307,6 +387,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         noise = torch.randn(x0.shape, generator=gen)
         x0, y, t, noise, drop = (v[lo:hi].to(device, non_blocking=True) for v in (x0, y, t, noise, drop))
         kwargs = {"y": y, "force_drop_ids": drop} if drop_labels else {"y": y}
+        if c.control:
+            kwargs["condition"] = make_condition(c.control, x0)
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(c, step)

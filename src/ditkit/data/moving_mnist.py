@@ -1,0 +1,118 @@
+"""Moving MNIST from the embedded MNIST-5k digits: clips of one or two digits travelling across a square
+frame and bouncing off its edges (Srivastava et al. 2015, at any size), generated deterministically
+from a seed; nothing is downloaded.
+
+Motion: "bounce" draws a random direction per clip; "class" moves every digit k along a fixed
+direction, DIRECTIONS[k % 4] (right, down, left, up), so the class label also fixes the motion;
+"label" draws one of the four directions per clip and makes it part of the label (digit * 4 + direction,
+40 classes named like "3-left"). In "class" and "label" clips the start is drawn so that the digit
+does not reach an edge within the clip whenever the frame has room for that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ditkit.data.dataset import ImageDataset
+from ditkit.data.mnist import SPLITS, _raw, heldout_mask
+
+MOTIONS = ("bounce", "class", "label")
+DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (rows, columns) per frame: right, down, left, up
+DIRECTION_NAMES = ("right", "down", "left", "up")
+OPTIONS = ("n_clips", "num_digits", "motion", "speed", "digit_size")  # what a config may set (data_args)
+
+
+@dataclass
+class VideoDataset(ImageDataset):
+    """`images` holds clips (N, C, F, H, W) float32 in [-1, 1]; labels and classes as ImageDataset."""
+
+    layout: ClassVar[tuple[str, ...]] = ("N", "C", "F", "H", "W")
+
+    @property
+    def frames(self) -> int:
+        return self.images.shape[2]
+
+    def with_channels(self, channels: int) -> VideoDataset:
+        """Repeat 1-channel clips to `channels`, or reject a conversion that would invent colour."""
+        if channels == self.channels:
+            return self
+        if self.channels != 1:
+            raise ValueError(f"cannot convert {self.channels}-channel clips to {channels} channels")
+        return replace(self, images=self.images.expand(-1, channels, -1, -1, -1).contiguous())
+
+
+def _reflect(u: np.ndarray, room: int) -> np.ndarray:
+    """Positions on an unbounded line folded into [0, room]: the path of a point bouncing between walls."""
+    if room == 0:
+        return np.zeros_like(u)
+    u = np.mod(u, 2 * room)
+    return np.where(u > room, 2 * room - u, u)
+
+
+def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32, num_digits: int = 1,
+                      motion: str = "bounce", speed: float | None = None, digit_size: int | None = None,
+                      split: str = "train", seed: int = 0) -> VideoDataset:
+    """`n_clips` clips (N, 1, frames, image_size, image_size) in [-1, 1]; label = the digit (see `motion`).
+
+    digit_size: the side digits are resized to (default 7/16 of the frame: 28 px in 64, 14 px in 32).
+    speed: pixels per frame (default image_size / 16). With two digits, both are (different) images of
+    the clip's class and move independently; overlaps keep the brighter pixel. Digits come from the
+    MNIST-5k `split` ("train", "heldout" or "all", as `load_mnist`).
+    """
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}: expected one of {', '.join(MOTIONS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    digit_size = digit_size or max(1, image_size * 7 // 16)
+    speed = image_size / 16 if speed is None else speed
+    if min(n_clips, frames, image_size, num_digits) < 1 or not 0 < digit_size <= image_size or speed < 0:
+        raise ValueError(f"need n_clips, frames, image_size, num_digits >= 1, 0 < digit_size <= image_size and "
+                         f"speed >= 0; got {n_clips}, {frames}, {image_size}, {num_digits}, {digit_size}, {speed}")
+    pixels, labels = _raw()
+    held = heldout_mask(labels)
+    keep = {"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split]
+    pixels, labels = pixels[keep], labels[keep]
+    digits = torch.from_numpy(pixels).float().div(255).unsqueeze(1)
+    if digit_size != 28:
+        digits = F.interpolate(digits, size=(digit_size, digit_size), mode="bilinear", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    digits = digits[:, 0].numpy()  # (M, s, s) in [0, 1]
+
+    rng = np.random.RandomState(seed)  # frozen stream across numpy versions (NEP 19)
+    room = image_size - digit_size
+    travel = speed * (frames - 1)
+    steps = np.arange(frames, dtype=np.float64)
+    clips = np.zeros((n_clips, frames, image_size, image_size), np.float32)
+    clip_labels = np.zeros(n_clips, np.int64)
+    by_class = [np.flatnonzero(labels == k) for k in range(10)]
+    for n in range(n_clips):
+        first = rng.randint(len(labels))
+        k = int(labels[first])
+        chosen = [first] + [int(rng.choice(by_class[k])) for _ in range(num_digits - 1)]
+        direction = k % 4 if motion == "class" else rng.randint(4) if motion == "label" else None
+        clip_labels[n] = k * 4 + direction if motion == "label" else k
+        for index in chosen:
+            if direction is None:
+                angle = rng.uniform(0, 2 * np.pi)
+                velocity = speed * np.array([np.sin(angle), np.cos(angle)])
+                start = rng.uniform(0, room, size=2)
+            else:
+                velocity = speed * np.array(DIRECTIONS[direction], np.float64)
+                start = rng.uniform(0, room, size=2)
+                if travel <= room:  # room to move straight: start where the path stays inside
+                    axis = 0 if velocity[0] else 1
+                    sign = np.sign(velocity[axis])
+                    start[axis] = rng.uniform(0, room - travel) + (travel if sign < 0 else 0)
+            path = np.rint(_reflect(start[None] + steps[:, None] * velocity[None], room)).astype(int)  # (F, 2)
+            for f, (r, c) in enumerate(path):
+                window = clips[n, f, r:r + digit_size, c:c + digit_size]
+                np.maximum(window, digits[index], out=window)
+    names = ([f"{k}-{d}" for k in range(10) for d in DIRECTION_NAMES] if motion == "label"
+             else [str(k) for k in range(10)])
+    x = torch.from_numpy(clips).mul(2).sub(1).unsqueeze(1)  # (N, 1, F, H, W) in [-1, 1]
+    return VideoDataset(images=x, labels=torch.from_numpy(clip_labels), num_classes=len(names),
+                        class_names=names, hflip=False)  # mirroring would swap left and right motion

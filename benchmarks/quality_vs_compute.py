@@ -7,7 +7,7 @@ each is about 4x the forward GFLOPs of S/4. The S/4 analogue is the demo model. 
 then judged on the same digits (N per class, same noise, Heun 20 steps, CFG 4) by ditkit's MNIST-5k
 classifier: FD-classifier vs the held-out split (lower is better) and class accuracy.
 
-    python benchmarks/quality_vs_compute.py [--steps 400] [--minutes 2] [--regime images time] [--out runs/qvc]
+    python benchmarks/quality_vs_compute.py [--steps 600] [--minutes 2.5] [--regime images time] [--out runs/qvc]
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ ANALOGUES = {  # paper name -> demo-sized architecture with the paper's width/pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="'images' regime: steps of 64 images each")
-    parser.add_argument("--minutes", type=float, default=2.0, help="'time' regime: wall-clock budget per model")
+    parser.add_argument("--steps", type=int, default=600, help="'images' regime: steps of 64 images each")
+    parser.add_argument("--minutes", type=float, default=2.5, help="'time' regime: wall-clock budget per model")
     parser.add_argument("--regime", nargs="+", choices=["images", "time"], default=["images", "time"])
-    parser.add_argument("--n-per-class", type=int, default=50)
+    parser.add_argument("--n-per-class", type=int, default=30)
     parser.add_argument("--out", default="runs/qvc", help="runs go to OUT/<regime>-<model>; existing ones are reused")
     args = parser.parse_args()
 

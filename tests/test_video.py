@@ -256,3 +256,40 @@ def test_cli_trains_and_samples_a_gif(tmp_path, capsys):
         assert gif.n_frames == 6
     assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "grid.png")]) == 2
     assert "holds a video model" in capsys.readouterr().err
+
+
+def centres_of_mass(clips: torch.Tensor, floor: float = 0.25) -> torch.Tensor:
+    """(N, 1, F, H, W) in [-1, 1] -> (N, F, 2) (row, column) centre of the pixels brighter than `floor`
+    (in [0, 1]), so that faint residual noise over the background does not pull it to the centre."""
+    w = ((clips[:, 0] + 1) / 2 - floor).clamp(min=0)
+    rows = torch.arange(float(w.shape[-2]))[:, None]
+    cols = torch.arange(float(w.shape[-1]))[None, :]
+    mass = w.sum((2, 3)).clamp(min=1e-6)
+    return torch.stack([(w * rows).sum((2, 3)) / mass, (w * cols).sum((2, 3)) / mass], -1)
+
+
+@pytest.mark.slow
+def test_generated_clips_move_in_the_conditioned_direction(tmp_path):
+    """Moving MNIST with one direction per class (digit k moves right/down/left/up for k % 4): after a
+    short training run, the digit in generated clips travels the conditioned way (displacement from the
+    first to the last frame within 60 degrees of it and longer than 2 px) in >= 60% of 40 clips; chance
+    is about 25%. Measured with CFG 4: 82% after these 2000 steps (about 1.5 min), 100% after 3000, chance
+    after 1000 (the samples do not move yet)."""
+    from ditkit.pipeline import load_pipeline
+    from ditkit.train import build_config, train
+
+    config = build_config(None, {"out": str(tmp_path / "run"), "data": "moving_mnist"}, [
+        "image_size=16", "frames=4", 'data_args={"n_clips": 3000, "motion": "class", "speed": 2, "digit_size": 8}',
+        "hidden_size=128", "depth=4", "num_heads=4", "patch_size=4", "steps=2000", "batch_size=32", "lr=1e-3",
+        "warmup_steps=50", "precision=bf16", "save_every=100000", "samples_per_class=1", "sample_steps=4"])
+    train(config, progress=False)
+    pipe = load_pipeline(config.out)
+    y = torch.arange(10).repeat(4)
+    clips = sample(pipe.model, pipe.objective, (40, 1, 4, 16, 16), y=y, cfg_scale=4.0, steps=20,
+                   generator=torch.Generator().manual_seed(1), progress=False).float().clamp(-1, 1)
+    com = centres_of_mass(clips)
+    moved = com[:, -1] - com[:, 0]
+    want = torch.tensor([DIRECTIONS[k % 4] for k in y.tolist()], dtype=torch.float32)
+    along = (moved * want).sum(1)
+    hits = (along > 0.5 * moved.norm(dim=1)) & (moved.norm(dim=1) > 2)
+    assert hits.float().mean() >= 0.6, (hits.float().mean(), moved[:8])

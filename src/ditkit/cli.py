@@ -51,7 +51,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4
+    from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, shown_classes
     from ditkit.io import atomic_path
     from ditkit.models import VideoDiT
     from ditkit.models.control import ControlDiT
@@ -84,8 +84,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.classes is not None:
             raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
         captions = pipe.info.get("class_names", [])  # default: up to 10 of the training captions
-        shown = torch.linspace(0, len(captions) - 1, min(10, len(captions))).round().long().tolist()
-        prompts = args.prompts or [captions[i] for i in shown]
+        prompts = args.prompts or [captions[i] for i in shown_classes(len(captions))]
         model = pipe.with_prompts(prompts)
     K, C = model.num_classes, pipe.model.in_channels
     conditional = pipe.info.get("conditional", K > 1)

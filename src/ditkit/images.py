@@ -97,6 +97,12 @@ def save_mp4(path: str | os.PathLike, clips: Tensor, nrow: int, scale: int = 1, 
         writer.close()
 
 
+def shown_classes(num_classes: int, most: int = 10) -> list[int]:
+    """At most `most` class indices, evenly spaced over 0..num_classes-1: the columns of a sample grid (a
+    caption set or ImageNet has far more classes than a grid can show)."""
+    return torch.linspace(0, num_classes - 1, min(num_classes, most)).round().long().tolist()
+
+
 def save_image_folder(root: str | os.PathLike, images: Tensor, labels: Tensor | None = None) -> None:
     """Write (N, C, H, W) images in [-1, 1] one PNG each: ROOT/<label>/<index>.png, or ROOT/<index>.png
     without labels (the layout that `load_samples` and image-folder training read back)."""

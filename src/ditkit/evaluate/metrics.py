@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from ditkit.data import load_dataset
-from ditkit.data.folder import EXTENSIONS, load_folder
+from ditkit.data.folder import list_images, load_folder
 from ditkit.evaluate.classifier import DigitClassifier, accuracy, load_classifier
 
 RANGE_SLACK = 1e-3  # samples are clamped to [-1, 1]; allow float rounding from other writers
@@ -152,10 +152,7 @@ def load_samples(path: str | os.PathLike, image_size: int | None = None,
 
 def _load_sample_folder(root: Path, image_size: int | None, channels: int | None) -> tuple[Tensor, Tensor | None]:
     if image_size is None or channels is None:
-        first = next((p for p in sorted(root.rglob("*")) if p.suffix.lower() in EXTENSIONS
-                      and not p.name.startswith(".")), None)
-        if first is None:
-            raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its subfolders")
+        first = list_images(root)[0][0][0]  # the first file load_folder reads; no image is a ValueError
         with Image.open(first) as im:
             image_size = image_size or min(im.size)
             channels = channels or (1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ditkit.data import ImageDataset, LatentDataset, VideoDataset, load_dataset, random_hflip
 from ditkit.diffusion import FlowMatching, create_diffusion
-from ditkit.images import save_comparison, save_gif, save_loss_curve
+from ditkit.images import save_comparison, save_gif, save_loss_curve, shown_classes
 from ditkit.io import write_json_atomic, write_text_atomic
 from ditkit.data.conditions import make_condition
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
@@ -213,12 +213,11 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
                       device: torch.device, seed: int) -> None:
     """One row of real images per class above `samples_per_class` rows of EMA samples (of a control run:
     each conditioned on the real image above it). Clips: the same rows as an animated GIF, samples.gif."""
-    # at most 10 columns, evenly spaced over the classes (a caption set or ImageNet has far more)
-    shown = torch.linspace(0, data.num_classes - 1, min(data.num_classes, 10)).round().long()
+    shown = shown_classes(data.num_classes)
     K = len(shown)
-    real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in shown.tolist()])
+    real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in shown])
     R = c.samples_per_class
-    y = shown.to(device).repeat(R)
+    y = torch.tensor(shown, device=device).repeat(R)
     shape = (R * K, *real.shape[1:])
     generator = torch.Generator(device=device).manual_seed(seed)
     cfg = c.cfg_scale if data.conditional else 1.0

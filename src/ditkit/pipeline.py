@@ -150,7 +150,7 @@ class Pipeline:
         overrides = {ARGUMENT_NAMES.get(k, k): v for k, v in overrides.items() if v is not None}
         s = {**self.defaults, **overrides}
         unknown = [k for k in s if ARGUMENT_NAMES_INV.get(k, k) not in SAMPLE_OPTIONS]
-        if unknown:
+        if unknown and not ANY_OPTION:
             raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}: ditkit.sample() takes "
                              f"{', '.join(sorted(SAMPLE_OPTIONS))}")
         s["sampler"], _, s["steps"] = sampling_schedule(self.objective, s["sampler"], s["steps"])
@@ -280,7 +280,8 @@ class Pipeline:
         C = self.channels
         if image.shape[1] != C and {image.shape[1], C} == {1, 3}:
             image = image.repeat(1, 3, 1, 1) if C == 3 else image.mean(dim=1, keepdim=True)
-            notes.append(f"converted the image to {'colour' if C == 3 else 'grey'} ({C} channel(s)), as the model takes")
+            notes.append(f"converted the image to {'colour' if C == 3 else 'grey'} ({C} channel(s)), "
+                         f"as the model takes")
         elif image.shape[1] != C:
             raise ValueError(f"the image has {image.shape[1]} channel(s) but the model takes {C}")
         H, W = self.image_size
@@ -383,6 +384,7 @@ ARGUMENT_NAMES_INV = {v: k for k, v in ARGUMENT_NAMES.items()}
 SAMPLE_OPTIONS = frozenset(inspect.signature(sample).parameters) - {
     "model", "objective", "shape", "y", "generator", "progress", "callback", "noise", "step_noises", "start_step",
     "step_hook"}
+ANY_OPTION = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(sample).parameters.values())  # sample(**kw)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

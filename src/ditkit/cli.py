@@ -52,7 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, shown_classes
-    from ditkit.io import atomic_path
+    from ditkit.io import atomic_path, check_writable
     from ditkit.models import VideoDiT
     from ditkit.models.control import ControlDiT
     from ditkit.diffusion import GaussianDiffusion
@@ -65,6 +65,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not folder and not clip_out and not args.out.endswith((".png", ".npz")):
         raise ValueError(f"--out must end in .png (an image grid), .npz (arrays for evaluation), / (a folder "
                          f"of PNGs, one per sample) or, for a video model, .gif or .mp4, got {args.out}")
+    check_writable(args.out, folder=folder)  # issue 16: a file/read-only --out fails now, not after sampling
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.ckpt, ema=args.ema, device=device, vae=args.vae)
     if isinstance(pipe.model, ControlDiT):
@@ -223,6 +224,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ditkit.extras import require
+
+    require("interop", "onnx", "onnxruntime", what="ditkit export")  # issue 16: before loading anything
     from ditkit.interop.onnx import export_onnx, max_onnx_error
     from ditkit.pipeline import load_pipeline
 
@@ -405,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
         print(f"ditkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # issue 16: TrainingInterrupted (checkpoint saved; 130/143) or a plain Ctrl-C
+        print(f"ditkit {args.command}: {err or 'aborted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ TIFF) are taken as 0..1, values outside clipped."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ditkit.data.dataset import ImageDataset
+from ditkit.notes import warn
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Pillow modes of one channel with more than 8 bits, and the value that means white
@@ -63,6 +63,11 @@ def flatten(im: Image.Image) -> Image.Image:
     return im
 
 
+def _nested_only(folder: Path) -> bool:
+    """A class folder with no images of its own but folders inside (DIR/cat/2019/*.png)."""
+    return not _images_in(folder) and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
 def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str], list[str]]:
     """(files as (path, class name), group names, class subfolders) of an image folder; with class
     subfolders the groups are their sorted names, without them one group "all" (unconditional)."""
@@ -71,10 +76,13 @@ def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[s
     groups = {name: _images_in(root / name) for name in subfolders} if subfolders else {"all": _images_in(root)}
     files = [(path, name) for name, paths in groups.items() for path in paths]
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders")
+        nested = [name for name in subfolders if _nested_only(root / name)]
+        hint = (f" (subfolders of class folders are not searched: {', '.join(nested[:5])} hold only folders)"
+                if nested else "")
+        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders{hint}")
     if subfolders and _images_in(root):
-        warnings.warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
-                      stacklevel=3)
+        warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
+             stacklevel=3)
     return files, list(groups), subfolders
 
 
@@ -101,7 +109,7 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
         except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
             unreadable.append(f"{path} ({type(err).__name__})")
     if unreadable:
-        warnings.warn(f"skipped {len(unreadable)} unreadable image(s): {'; '.join(unreadable)}", stacklevel=2)
+        warn(f"skipped {len(unreadable)} unreadable image(s): {'; '.join(unreadable)}", stacklevel=2)
     if not images:
         raise ValueError(f"none of the {len(files)} image files in {root} could be read")
 
@@ -109,8 +117,10 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
     classes = [name for name in groups if name in present]
     if subfolders and len(classes) < len(subfolders):
         missing = sorted(set(subfolders) - present)
-        warnings.warn(f"{root}: class subfolder(s) without a readable image dropped: {', '.join(missing)}",
-                      stacklevel=2)
+        nested = [name for name in missing if _nested_only(root / name)]
+        hint = f" ({', '.join(nested)}: only subfolders, which are not searched)" if nested else ""
+        warn(f"{root}: class subfolder(s) without a readable image dropped: {', '.join(missing)}{hint}",
+             stacklevel=2)
     index = {name: k for k, name in enumerate(classes)}
     return ImageDataset(images=torch.from_numpy(np.stack(images)), labels=torch.tensor([index[n] for n in names]),
                         num_classes=len(classes), class_names=classes, hflip=True, conditional=bool(subfolders))

@@ -102,8 +102,15 @@ def parse_value(key: str, text: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} expects true or false, got {text!r}")
-    if kind.startswith("dict"):
-        return json.loads(text)
+    if kind.startswith("dict"):  # issue 16: a JSON object; a mistake names the key
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{key} expects a JSON object such as {key}='{{\"n\": 100}}', got {text!r} "
+                             f"({err.msg} at character {err.pos + 1})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} expects a JSON object such as {key}='{{\"n\": 100}}', got {text!r}")
+        return value
     for cast, name in ((int, "int"), (float, "float")):
         if kind.startswith(name):
             try:

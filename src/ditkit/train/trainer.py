@@ -35,6 +35,8 @@ from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
 from ditkit.train.config import TrainConfig
 from ditkit.train.ema import EMA
+from ditkit.train.interrupt import Interrupts, catch_interrupts
+from ditkit.train.lock import run_lock
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -248,7 +250,13 @@ def autocast(device: torch.device, precision: str):
 
 def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train a DiT as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png
-    (samples.gif for video data) to c.out."""
+    (samples.gif for video data) to c.out. Holds c.out's lock (RunLocked if another run has it); on
+    SIGINT/SIGTERM saves a checkpoint after the current step and raises TrainingInterrupted."""
+    with run_lock(c.out), catch_interrupts() as stop:  # issue 16
+        return _train(c, resume, progress, stop)
+
+
+def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> TrainResult:
     dist = distributed.setup()
     device = dist.device
     out = Path(c.out)
@@ -373,6 +381,7 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         return distributed.mean_across_ranks(over, dist).item() > 0
 
     model.train()
+    stop.arm()  # issue 16: from here a signal ends the loop after the current step
     while step < c.steps:
         if c.minutes is not None and out_of_time():
             break
@@ -428,12 +437,17 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             last_path = save(step)
         if c.sample_every and step % c.sample_every == 0 and dist.is_main and step != c.steps:
             write_sample_grid(out / "samples.png", ema.model, objective, c, data, device, c.seed)
+        if stop.should_stop(dist):  # issue 16: SIGINT/SIGTERM
+            break
     bar.close()
     if summary_writer is not None:
         summary_writer.close()
 
     if last_path is None or last_path.name != ckpt.step_dir(out, step).name:
-        last_path = save(step)  # stopped by the time budget
+        last_path = save(step)  # stopped by the time budget or a signal
+    if stop.requested:  # issue 16: the checkpoint is written; skip the plot and sample grid
+        distributed.teardown(dist)
+        raise stop.interrupted(step, last_path, c.out)
     seconds = time.perf_counter() - start_time
     ips = (step - start_step) * c.batch_size / max(seconds, 1e-9)
     if dist.is_main:

@@ -126,7 +126,8 @@ CASES = [
     ("sample-pretrained-dir-truncated-no-checksums", "truncated_pretrained",
      ["sample", "--ckpt", "{tmp}/ck", *SAMPLE_OUT], 2, "model.safetensors is truncated or corrupt ("),
     ("sample-run-every-checkpoint-damaged", "damaged_run", ["sample", "--ckpt", "{tmp}/run", *SAMPLE_OUT], 2,
-     "every one of its 1 checkpoint(s) is damaged"),
+     "all 1 of its checkpoint(s) are damaged; the newest: {tmp}/run/checkpoints/step_00000002/ema.safetensors is "
+     "truncated or corrupt"),
     ("export-damaged-ema", "damaged_checkpoint", ["export", "--ckpt", "{tmp}/ck", "--out", "{tmp}/m.onnx"], 2,
      "ema.safetensors is truncated or corrupt"),
     # item 8: missing extras are named before any work
@@ -178,7 +179,10 @@ def snapshot(*roots: Path) -> dict[str, bytes]:
 def test_bad_input(setup, argv, code, fragment, run, tmp_path, monkeypatch, capsys):
     if setup:
         SETUPS[setup](tmp_path, run, monkeypatch)
-    argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for a in argv]
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path)).replace("{run}", str(run))
+
+    argv, fragment = [fill(a) for a in argv], fill(fragment)
     before = snapshot(tmp_path, run)
     capsys.readouterr()
     assert main(argv) == code

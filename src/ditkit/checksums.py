@@ -68,7 +68,8 @@ def write_checksums(directory: str | os.PathLike, names: Iterable[str]) -> None:
 
 def verify_files(directory: str | os.PathLike, names: Iterable[str], required: bool = False) -> None:
     """Raise CheckpointError if one of `names` is missing from `directory` or differs from its recorded
-    checksum. Files without a record pass unless `required` (then the record must exist too)."""
+    checksum. Files without a record pass unless `required` (then checksums.json must exist and list
+    every weights file; a JSON file's entry may be deleted by someone who edits the file by hand)."""
     directory = Path(directory)
     sums = read_checksums(directory)
     if sums is None and required:
@@ -79,8 +80,9 @@ def verify_files(directory: str | os.PathLike, names: Iterable[str], required: b
             raise CheckpointError(f"{path} is missing")
         expected = (sums or {}).get(name)
         if expected is None:
-            if required:
+            if required and not name.endswith(".json"):  # a JSON file edited on purpose may drop its entry
                 raise CheckpointError(f"{path} has no checksum in {directory / CHECKSUMS}")
             continue
         if sha256(path) != expected:
-            raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch)")
+            edited = f"; if you edited it on purpose, delete its entry in {CHECKSUMS}" if name.endswith(".json") else ""
+            raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch{edited})")

@@ -181,9 +181,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                      required=(path / "train_state.safetensors").exists())
         return path
     found = latest_checkpoint(path)
-    if found is None and list_checkpoints(path):
-        raise CheckpointError(f"no usable checkpoint in {path}: every one of its {len(list_checkpoints(path))} "
-                              "checkpoint(s) is damaged (see the warnings above)")
+    damaged = list_checkpoints(path) if found is None else []
+    if damaged:
+        try:
+            verify(damaged[-1])
+            newest = "it changed while being read"
+        except CheckpointError as err:
+            newest = str(err)
+        raise CheckpointError(f"no usable checkpoint in {path}: all {len(damaged)} of its checkpoint(s) are "
+                              f"damaged; the newest: {newest}")
     if found is None:
         raise CheckpointError(f"no usable checkpoint in {path}: expected a run directory with "
                               f"{CHECKPOINTS}/step_*/ or a checkpoint directory with config.json and model.safetensors")

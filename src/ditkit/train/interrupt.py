@@ -95,7 +95,8 @@ class Interrupts:
             self.signum = signal.SIGTERM  # another process was signalled (torchrun forwards SIGTERM)
         return flag.item() > 0
 
-    def interrupted(self, step: int, checkpoint: Path | None, out: str | os.PathLike | None = None) -> TrainingInterrupted:
+    def interrupted(self, step: int, checkpoint: Path | None,
+                    out: str | os.PathLike | None = None) -> TrainingInterrupted:
         """The exception to raise once the checkpoint of `step` is written."""
         assert self.signum is not None
         return TrainingInterrupted(self.signum, step, checkpoint, out)

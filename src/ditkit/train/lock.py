@@ -26,6 +26,8 @@ class RunLocked(ValueError):
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: assume it runs
+        return True
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
@@ -48,7 +50,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _describe(owner: dict[str, Any]) -> str:
     started = owner.get("started")
-    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else ""
+    when = ""
+    if isinstance(started, (int, float)):
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started))
     return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when}"
 
 

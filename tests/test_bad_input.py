@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _read_only(tmp: Path, run: Path, mp) -> None:
 
 def _locked(tmp: Path, run: Path, mp) -> None:
     (tmp / "busy").mkdir()
-    owner = {"pid": os.getppid(), "host": socket.gethostname(), "started": 1_700_000_000.0}  # a live process
+    owner = {"pid": os.getppid(), "host": socket.gethostname(), "started": time.time()}  # a live process
     (tmp / "busy" / "train.lock").write_text(json.dumps(owner))
 
 

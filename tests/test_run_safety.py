@@ -25,7 +25,7 @@ from ditkit.notes import DitkitWarning, warn
 from ditkit.pipeline import load_pipeline
 from ditkit.train import checkpoint as ckpt
 from ditkit.train.interrupt import TrainingInterrupted, catch_interrupts
-from ditkit.train.lock import LOCK, RunLocked, acquire, release, run_lock
+from ditkit.train.lock import LOCK, RunLocked, acquire, is_stale, release, run_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -104,7 +104,8 @@ def test_lock_holds_pid_and_host_and_is_released(tmp_path):
 def test_a_live_owner_refuses_and_a_dead_one_is_taken_over(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": 0}))
+        owner = {"pid": live.pid, "host": socket.gethostname(), "started": time.time()}
+        (tmp_path / LOCK).write_text(json.dumps(owner))
         with pytest.raises(RunLocked, match=f"in use by another training run \\(pid {live.pid} on "):
             acquire(tmp_path)
     finally:
@@ -116,6 +117,16 @@ def test_a_live_owner_refuses_and_a_dead_one_is_taken_over(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
     release(path)
     assert not path.exists()
+
+
+def test_a_reused_pid_does_not_hold_an_old_lock(tmp_path):
+    """A lock written before its pid's current process started (a restarted container reuses pids) is
+    stale; the same pid with a lock written after that process started is a live owner."""
+    if not Path("/proc/stat").exists():
+        pytest.skip("process start times come from /proc (Linux)")
+    host = socket.gethostname()
+    assert is_stale({"pid": os.getppid(), "host": host, "started": 1_000_000.0})  # 1970: long before
+    assert not is_stale({"pid": os.getppid(), "host": host, "started": time.time()})
 
 
 def test_a_lock_from_another_host_cannot_be_checked_and_says_how_to_clear_it(tmp_path):

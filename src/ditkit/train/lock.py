@@ -56,13 +56,30 @@ def _describe(owner: dict[str, Any]) -> str:
     return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when}"
 
 
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), where /proc tells (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def is_stale(owner: dict[str, Any]) -> bool:
-    """True when the lock's owner is known to be gone: same host, pid not running (or our own pid:
-    a lock left by an earlier process that had the pid this one has now)."""
+    """True when the lock's owner is known to be gone: same host, and its pid is not running, or is
+    running a process that started after the lock was written (the pid was reused, e.g. a restarted
+    container), or is this very process (a lock left by an earlier process that had our pid)."""
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
-    return pid == os.getpid() or not _alive(pid)
+    if pid == os.getpid() or not _alive(pid):
+        return True
+    started, locked = _start_time(pid), owner.get("started")
+    # 30 s of slack: /proc's start times drift from the wall clock by seconds (we saw 6 s on a VM); the
+    # owner itself always starts before it writes its lock, so only a clearly later start means reuse
+    return started is not None and isinstance(locked, (int, float)) and started > locked + 30
 
 
 def _try_create(path: Path, me: dict[str, Any]) -> bool:

@@ -100,7 +100,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     loaded = DiT.from_pretrained(tmp_path)
     assert loaded.input_size == (8, 12)
     for k, v in model.state_dict().items():

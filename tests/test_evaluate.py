@@ -172,6 +172,7 @@ def test_cli_eval_json_and_table(random_classifier, heldout, tmp_path, capsys):
     assert main(["eval", "--samples", str(path), "--json"]) == 0
     out = capsys.readouterr().out
     assert set(json.loads(out)) == MNIST_KEYS
+    assert '"num_samples": 150,' in out  # a count, written as an int (was 150.0)
     assert main(["eval", "--samples", str(path)]) == 0
     table = capsys.readouterr().out
     assert "FD-classifier" in table and "real-vs-real baseline" in table and "recall" in table

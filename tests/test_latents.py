@@ -134,6 +134,13 @@ def test_extract_train_sample_decode_end_to_end(vae_dir, image_dir, tmp_path, ca
     assert images.shape == (4, 3, IMAGE, IMAGE) and images.min() >= -1 and images.max() <= 1
     # without its VAE a latent model cannot write pictures
     step = run / "checkpoints" / "step_00000003"
-    (step / "run.json").write_text(json.dumps({**info, "vae": None}))  # a checkpoint directory is not verified
+    (step / "run.json").write_text(json.dumps({**info, "vae": None}))
+    assert main(["sample", "--ckpt", str(step), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert "run.json is truncated or corrupt (checksum mismatch; if you edited it on purpose, delete its entry " \
+        "in checksums.json)" in capsys.readouterr().err
+    sums = json.loads((step / "checksums.json").read_text())
+    (step / "checksums.json").write_text(json.dumps({k: v for k, v in sums.items() if k != "run.json"}))
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert "--vae" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(step), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
     assert "--vae" in capsys.readouterr().err

@@ -95,6 +95,9 @@ TESTED_ELSEWHERE = {
     "prompts": "PromptTable: test_text_to_image and test_text_models",
     "diffusion": "test_gaussian_diffusion and test_flow_matching",
     "models": "test_dit, test_dit_parity, test_designs_and_flops, test_text_models, test_video, test_control",
+    "checksums": "test_run_safety (damaged and hand-edited files) and test_bad_input (through the CLI)",
+    "extras": "test_run_safety (missing extras name the pip extra) and test_bad_input",
+    "notes": "test_run_safety (warnings print the message only)",
 }
 
 

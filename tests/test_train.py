@@ -39,29 +39,66 @@ def losses(run: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["train", *TINY, "--steps", "24", "--save-every", "12", "hidden_size=128"]
-    ditkit(*args, "--out", str(straight))
+RESUME_ARGS = ["train", *TINY, "--steps", "24", "--save-every", "12", "hidden_size=128"]
 
-    proc = subprocess.Popen([sys.executable, "-m", "ditkit.cli", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    ditkit(*RESUME_ARGS, "--out", str(out))
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after resume"
+    assert losses(a) == losses(b)
+
+
+def start_and_wait_for_step_12(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "ditkit.cli", *RESUME_ARGS, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
-    while not ckpt.step_dir(killed, 12).exists():
+    while not ckpt.step_dir(out, 12).exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
         time.sleep(0.002)
+    return proc
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, straight_run):
+    killed = tmp_path / "killed"
+    proc = start_and_wait_for_step_12(killed)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not ckpt.step_dir(killed, 24).exists(), "killed too late: the run had already finished"
     assert [p.name for p in ckpt.list_checkpoints(killed)] == ["step_00000012"]
 
-    ditkit(*args, "--out", str(killed), "--resume")
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = weights(straight, name), weights(killed, name)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
-    assert losses(straight) == losses(killed)
+    ditkit(*RESUME_ARGS, "--out", str(killed), "--resume")  # its stale run lock is taken over
+    assert_same_run(straight_run, killed)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, straight_run, sig, code):
+    """Ctrl-C / SIGTERM: the step in progress finishes, a checkpoint of it is written and named, the
+    exit status is 128 + signal; resuming from it matches a run never interrupted, bit for bit."""
+    out = tmp_path / "run"
+    proc = start_and_wait_for_step_12(out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    saved = ckpt.list_checkpoints(out)[-1]
+    step = int(saved.name.split("_")[1])
+    assert 12 <= step < 24, f"interrupted too late (step {step}): the run had already finished"
+    assert f"interrupted by {sig.name} at step {step}: checkpoint written to {saved}" in err
+    assert "Traceback" not in err
+    ckpt.verify(saved)  # an ordinary, complete checkpoint
+    assert not (out / "train.lock").exists()  # the lock is released on the way out
+
+    ditkit(*RESUME_ARGS, "--out", str(out), "--resume")
+    assert_same_run(straight_run, out)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):

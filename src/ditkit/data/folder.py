@@ -1,10 +1,13 @@
 """Image folders: DIR/<class>/*.png (class-conditional, classes = sorted subfolder names) or DIR/*.png
 (unconditional). Images are centre-cropped to a square, resized, and decoded into memory once, which
-keeps CPU training fast and deterministic (float32: about 12 KB per 32x32 RGB image)."""
+keeps CPU training fast and deterministic (float32: about 12 KB per 32x32 RGB image).
+
+Bit depth: 8-bit images scale 0..255 to [-1, 1]; 16-bit ones 0..65535 (16-bit grey keeps its full
+precision, 16-bit colour PNGs are read by Pillow at 8 bits per channel); float images (e.g. 32-bit
+TIFF) are taken as 0..1, values outside clipped."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,11 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ditkit.data.dataset import ImageDataset
+from ditkit.notes import warn
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+# Pillow modes of one channel with more than 8 bits, and the value that means white
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -30,13 +36,36 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     """
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        im = ImageOps.fit(im.convert("L" if channels == 1 else "RGB"), (image_size, image_size),
-                          Image.Resampling.BICUBIC)  # scales the shorter side, crops the centre
+        im = flatten(im)
+        if im.mode != "F":
+            im = im.convert("L" if channels == 1 else "RGB")
+        im = ImageOps.fit(im, (image_size, image_size), Image.Resampling.BICUBIC)  # shorter side, centre crop
         arr = np.asarray(im, dtype=np.float32)
+    if im.mode == "F":  # wide grey, in [0, 1]; bicubic may overshoot a little
+        arr = np.clip(arr, 0, 1)[None].repeat(channels, 0) * 2 - 1
+        return arr.astype(np.float32)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return arr / 127.5 - 1
+
+
+def flatten(im: Image.Image) -> Image.Image:
+    """`im` ready to convert to 8-bit "L"/"RGB": transparency composited on white, and a wide grey image
+    (16-bit, 32-bit int, float) as a float "F" image in [0, 1], since Pillow's own conversion of those to
+    "L" clips every value above 255 (a 16-bit image would load almost all white)."""
+    if im.mode in WIDE_MODES:
+        white = WIDE_MODES[im.mode]
+        if im.mode == "I" and np.asarray(im).max() > 65535:  # a true 32-bit integer image
+            white = 2**32 - 1
+        arr = np.asarray(im, dtype=np.float64) / white
+        return Image.fromarray(np.nan_to_num(arr, nan=0.0).clip(0, 1).astype(np.float32))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im
+
+
+def _nested_only(folder: Path) -> bool:
+    """A class folder with no images of its own but folders inside (DIR/cat/2019/*.png)."""
+    return not _images_in(folder) and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
 def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str], list[str]]:
@@ -47,10 +76,13 @@ def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[s
     groups = {name: _images_in(root / name) for name in subfolders} if subfolders else {"all": _images_in(root)}
     files = [(path, name) for name, paths in groups.items() for path in paths]
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders")
+        nested = [name for name in subfolders if _nested_only(root / name)]
+        hint = (f" (subfolders of class folders are not searched: {', '.join(nested[:5])} hold only folders)"
+                if nested else "")
+        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {root} or its class subfolders{hint}")
     if subfolders and _images_in(root):
-        warnings.warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
-                      stacklevel=3)
+        warn(f"{root}: images directly in the folder are ignored, only its class subfolders are used",
+             stacklevel=3)
     return files, list(groups), subfolders
 
 
@@ -77,7 +109,7 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
         except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
             unreadable.append(f"{path} ({type(err).__name__})")
     if unreadable:
-        warnings.warn(f"skipped {len(unreadable)} unreadable image(s): {'; '.join(unreadable)}", stacklevel=2)
+        warn(f"skipped {len(unreadable)} unreadable image(s): {'; '.join(unreadable)}", stacklevel=2)
     if not images:
         raise ValueError(f"none of the {len(files)} image files in {root} could be read")
 
@@ -85,8 +117,10 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
     classes = [name for name in groups if name in present]
     if subfolders and len(classes) < len(subfolders):
         missing = sorted(set(subfolders) - present)
-        warnings.warn(f"{root}: class subfolder(s) without a readable image dropped: {', '.join(missing)}",
-                      stacklevel=2)
+        nested = [name for name in missing if _nested_only(root / name)]
+        hint = f" ({', '.join(nested)}: only subfolders, which are not searched)" if nested else ""
+        warn(f"{root}: class subfolder(s) without a readable image dropped: {', '.join(missing)}{hint}",
+             stacklevel=2)
     index = {name: k for k, name in enumerate(classes)}
     return ImageDataset(images=torch.from_numpy(np.stack(images)), labels=torch.tensor([index[n] for n in names]),
                         num_classes=len(classes), class_names=classes, hflip=True, conditional=bool(subfolders))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from ditkit.data.dataset import ImageDataset
 from ditkit.data.folder import list_images, load_image
 from ditkit.io import write_json_atomic
+from ditkit.notes import warn
 
 FORMAT = "ditkit-latents"
 INDEX, LATENTS, LABELS, PROGRESS = "index.json", "latents.npy", "labels.npy", "progress.json"
@@ -181,8 +181,8 @@ def extract_latents(data: str | os.PathLike, vae: str | os.PathLike | LatentSpac
         bar.update(state["files_done"] - bar.n)
     bar.close()
     if state["skipped"]:
-        warnings.warn(f"skipped {len(state['skipped'])} unreadable image(s): {'; '.join(state['skipped'][:20])}",
-                      stacklevel=2)
+        warn(f"skipped {len(state['skipped'])} unreadable image(s): {'; '.join(state['skipped'][:20])}",
+             stacklevel=2)
     if state["rows"] == 0:
         raise ValueError(f"none of the {len(files)} image files in {root} could be read")
     return out

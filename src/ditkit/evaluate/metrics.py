@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from torch import Tensor
 from ditkit.data import load_dataset
 from ditkit.data.folder import list_images, load_folder
 from ditkit.evaluate.classifier import DigitClassifier, accuracy, load_classifier
+from ditkit.notes import warn
 
 RANGE_SLACK = 1e-3  # samples are clamped to [-1, 1]; allow float rounding from other writers
 
@@ -138,6 +138,11 @@ def load_samples(path: str | os.PathLike, image_size: int | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path} (expected an .npz with an `images` array, "
                                 f"or a folder of images)")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head.startswith(b"PK\x03\x04"):  # an .npz is a zip archive; anything else np.load calls a pickle
+        raise ValueError(f"{path} is not an .npz file (it starts with {head!r}, not a zip archive): expected "
+                         f"images (N, C, H, W) in [-1, 1] as `ditkit sample --out FILE.npz` writes, or a folder")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -185,8 +190,8 @@ def _check_images(images: Tensor, what: str, shape: tuple[int, ...] | None = Non
 def _warn_if_few(n: int, dim: int, what: str) -> None:
     # FD stays defined (the covariance is singular, not invalid) but is strongly biased upward
     if n < dim:
-        warnings.warn(f"{what}: {n} images for {dim}-d features; the Fréchet distance is strongly biased "
-                      f"with fewer images than feature dimensions (use thousands)", stacklevel=3)
+        warn(f"{what}: {n} images for {dim}-d features; the Fréchet distance is strongly biased "
+             f"with fewer images than feature dimensions (use thousands)", stacklevel=3)
 
 
 @torch.no_grad()
@@ -253,7 +258,7 @@ def evaluate(samples: Tensor, labels: Tensor | None = None, reference: str = "mn
     if len(samples) <= k:
         raise ValueError(f"need more than k={k} samples for precision/recall, got {len(samples)}")
 
-    metrics: dict[str, float] = {"num_samples": float(len(samples))}
+    metrics: dict[str, float] = {"num_samples": len(samples)}  # a count: an int in the JSON too
     if mnist:
         _warn_if_few(len(samples), 128, "samples")
         model = (classifier or load_classifier()).eval()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ditkit.io import write_json_atomic
+from ditkit.io import check_writable, write_json_atomic
 from ditkit.models.dit import DiT, ZOO, ZOO_CONFIGS
 
 # The original's sample.py: 250 DDPM steps, classifier-free guidance 4.0 on the first 3 channels.
@@ -31,9 +31,19 @@ PAPER_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 def load_official_file(path: str | os.PathLike) -> Any:
     """The unpickled file, tensors and plain containers only (plus argparse.Namespace)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: pass the checkpoint file itself (e.g. DiT-XL-2-256x256.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: download DiT-XL-2-256x256.pt (or 512x512) from the DiT "
                                 "authors' release, or pass a checkpoint written by their train.py")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download? expected a PyTorch checkpoint")
+    # torch.save writes a zip archive (PK..) or, before PyTorch 1.6, a pickle (protocol 2+ starts 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it starts with {head!r}, not a zip "
+                         "archive or a pickle (a text or HTML file, e.g. a download's error page?)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -45,9 +55,10 @@ def load_official_file(path: str | os.PathLike) -> Any:
                              f"tensors ({detail[:200]}); only state dicts and the original training checkpoints "
                              "are accepted") from None
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({detail[:200]})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from None
+    except Exception as err:  # a damaged file fails anywhere in the unpickler (EOFError, KeyError, ...)
+        first = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint, truncated or damaged "
+                         f"({type(err).__name__}{': ' + first if first else ''})") from None
 
 
 def load_official_state_dict(path: str | os.PathLike, ema: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -133,10 +144,11 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, num_heads:
     """Write an original checkpoint as a ditkit checkpoint directory (config.json, model.safetensors,
     run.json) that `DiT.from_pretrained` and `ditkit sample --ckpt` read. `vae`: the VAE (local
     directory or hub id) its latents decode with, remembered for sampling."""
-    model = load_official(path, num_heads=num_heads, ema=ema)
     out = Path(out)
+    check_writable(out, folder=True)  # before reading a multi-GB file
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: choose a new --out directory")
+    model = load_official(path, num_heads=num_heads, ema=ema)
     model.save_pretrained(out)
     info = {"objective": "ddpm", "latent": True, "num_classes": model.num_classes,
             "conditional": model.num_classes > 1, "channels": model.in_channels, "image_size": model.input_size[0],

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ditkit.io import atomic_path
+from ditkit.extras import require
+from ditkit.io import atomic_path, check_writable
 from ditkit.models.dit import DiT
 
 INPUTS, OUTPUT = ("x", "t", "y"), "out"
@@ -36,6 +37,11 @@ def export_onnx(model: DiT, path: str | os.PathLike, opset: int = 17) -> Path:
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"the ONNX file must end in .onnx, got {path}")
+    if not isinstance(model, DiT):  # other kinds take more inputs (captions, a condition image, frames)
+        raise ValueError(f"ONNX export covers class-conditional image DiTs (inputs x, t, y); this run holds a "
+                         f"{type(model).__name__}, which cannot be exported")
+    require("interop", "onnx", what="ONNX export")
+    check_writable(path)
     model = model.to("cpu", torch.float32).eval()
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about Python-side checks (label range, shapes) that are not in the graph on purpose
@@ -49,10 +55,8 @@ def export_onnx(model: DiT, path: str | os.PathLike, opset: int = 17) -> Path:
 
 def onnx_session(path: str | os.PathLike):
     """An onnxruntime InferenceSession of an exported model (CUDA when onnxruntime-gpu has it)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("running ONNX models needs onnxruntime: pip install 'ditkit[interop]'") from None
+    require("interop", "onnxruntime", what="running ONNX models")
+    import onnxruntime as ort
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), providers=providers)
 

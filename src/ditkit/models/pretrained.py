@@ -1,5 +1,6 @@
 """Saving and loading models as a directory: `config.json` (constructor arguments) and
-`model.safetensors` (weights), written atomically; plus clear errors on mismatched state dicts."""
+`model.safetensors` (weights), written atomically with their checksums (checksums.json, verified on
+load); plus clear errors on mismatched state dicts and damaged files."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,11 @@ from typing import Any
 from collections.abc import Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ditkit.checksums import CheckpointError, verify_files, write_checksums
 from ditkit.io import atomic_path, write_json_atomic
 
 
@@ -59,6 +62,7 @@ class PretrainedMixin:
         with atomic_path(directory / weights_name) as tmp:
             save_file(tensors, str(tmp))
         write_json_atomic(directory / "config.json", {"model_type": type(self).__name__, **self.config})
+        write_checksums(directory, [weights_name])
         return directory
 
     @classmethod
@@ -71,10 +75,29 @@ class PretrainedMixin:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained "
                                         f"or a ditkit run")
-        config = json.loads(config_path.read_text())
+        verify_files(directory, ["config.json", weights_name])  # a damaged file: one clear CheckpointError
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_path} is corrupt ({err})") from None
         model_type = config.pop("model_type", cls.__name__)
         if model_type != cls.__name__:
             raise ValueError(f"{directory} holds a {model_type}, not a {cls.__name__}")
         model = cls(**config)
-        model.load_state_dict(load_file(str(weights_path), device=str(map_location)))  # type: ignore[attr-defined]
+        state = load_weights(weights_path, map_location)
+        model.load_state_dict(state)  # type: ignore[attr-defined]
         return model
+
+
+def load_weights(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; CheckpointError if it cannot be read or holds NaN/inf weights
+    (a damaged file without a checksum to catch it, or a run that diverged: neither can sample)."""
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({err})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. "
+                              f"{bad[0]}: the file is damaged, or the run diverged")
+    return state

@@ -11,12 +11,10 @@ so a crash never leaves a half checkpoint; checksums catch files damaged afterwa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +24,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ditkit.checksums import CHECKSUMS, CheckpointError, sha256, verify_files
+from ditkit.notes import warn
+
 CHECKPOINTS = "checkpoints"
 FILES = ("config.json", "run.json", "model.safetensors", "ema.safetensors", "train_state.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, truncated, corrupt, or from another run)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -142,7 +131,7 @@ def save_checkpoint(
     meta = {"optimizer": opt_meta, **extra_state}
     save_file(_cpu({**opt_tensors, **rng}), str(tmp / "train_state.safetensors"),
               metadata={"ditkit": json.dumps(meta)})
-    (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in FILES}, indent=2) + "\n")
+    (tmp / CHECKSUMS).write_text(json.dumps({f: sha256(tmp / f) for f in FILES}, indent=2) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -164,38 +153,43 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 def verify(path: Path) -> None:
     """Raise CheckpointError if a file is missing or its checksum differs (truncated or damaged)."""
-    sums_path = path / "checksums.json"
-    if not sums_path.is_file():
-        raise CheckpointError(f"{path} has no checksums.json (incomplete checkpoint)")
-    try:
-        sums = json.loads(sums_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{sums_path} is corrupt: {err}") from None
-    for name in FILES:
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
-        if _sha256(f) != sums.get(name):
-            raise CheckpointError(f"{f} is truncated or corrupt (checksum mismatch)")
+    verify_files(path, FILES, required=True)
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     """The newest checkpoint of run OUT that verifies; damaged newer ones are reported and skipped."""
-    for path in reversed(list_checkpoints(Path(out))):
+    found = list_checkpoints(Path(out))
+    for k, path in enumerate(reversed(found)):
         try:
             verify(path)
             return path
         except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint: {err}; using the previous one", stacklevel=2)
+            older = k + 1 < len(found)
+            warn(f"skipping checkpoint: {err}; " + ("trying the previous one" if older else "no older one"))
     return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run directory (-> its newest good checkpoint) or a checkpoint directory itself."""
+    """A run directory (-> its newest good checkpoint) or a checkpoint directory itself. A checkpoint
+    directory's JSON files are verified here; the weights, when a model reads them (from_pretrained)."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: expected a run directory or a checkpoint directory")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        # a training checkpoint always has checksums; a save_pretrained/convert directory may predate them
+        verify_files(path, [f for f in ("config.json", "run.json") if (path / f).exists()],
+                     required=(path / "train_state.safetensors").exists())
         return path
     found = latest_checkpoint(path)
+    damaged = list_checkpoints(path) if found is None else []
+    if damaged:
+        try:
+            verify(damaged[-1])
+            newest = "it changed while being read"
+        except CheckpointError as err:
+            newest = str(err)
+        raise CheckpointError(f"no usable checkpoint in {path}: all {len(damaged)} of its checkpoint(s) are "
+                              f"damaged; the newest: {newest}")
     if found is None:
         raise CheckpointError(f"no usable checkpoint in {path}: expected a run directory with "
                               f"{CHECKPOINTS}/step_*/ or a checkpoint directory with config.json and model.safetensors")

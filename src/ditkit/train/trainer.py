@@ -33,7 +33,9 @@ from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
 from ditkit.train.config import TrainConfig
 from ditkit.train.ema import EMA
+from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind
+from ditkit.train.lock import run_lock
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -352,7 +354,14 @@ def out_of_time(run: Run, start_time: float) -> bool:
 
 def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png (samples.gif for
-    video data) to c.out. resume: continue the run in c.out from its newest good checkpoint."""
+    video data) to c.out. resume: continue the run in c.out from its newest good checkpoint. Holds c.out's
+    lock (RunLocked if another run has it); on SIGINT/SIGTERM saves a checkpoint after the current step and
+    raises TrainingInterrupted."""
+    with run_lock(c.out), catch_interrupts() as stop:
+        return _train(c, resume, progress, stop)
+
+
+def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> TrainResult:
     dist = distributed.setup()
     if c.batch_size % dist.world_size:
         raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.world_size} processes")
@@ -368,7 +377,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     bar = tqdm(total=c.steps, initial=run.step, disable=not (progress and dist.is_main), dynamic_ncols=True,
                file=sys.stderr, desc="train")
     run.model.train()
-    while run.step < c.steps and not out_of_time(run, start_time):
+    stop.arm()  # from here a signal ends the loop after the current step
+    while run.step < c.steps and not out_of_time(run, start_time) and not stop.should_stop(dist):
         loss, grad_norm = train_step(run)
         window.append(loss)
         if run.step % c.log_every == 0 or run.step == c.steps:
@@ -385,7 +395,10 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         writer.close()
 
     if last_path is None or last_path.name != ckpt.step_dir(run.out, run.step).name:
-        last_path = save(run, info)  # stopped by the time budget
+        last_path = save(run, info)  # stopped by the time budget or a signal
+    if stop.requested:  # the checkpoint is written; skip the plot and the sample grid
+        distributed.teardown(dist)
+        raise stop.interrupted(run.step, last_path, c.out)
     seconds = time.perf_counter() - start_time
     if dist.is_main:
         if run.metrics:

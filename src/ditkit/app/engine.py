@@ -1,0 +1,72 @@
+"""The app's one link to inference: runs loaded as `ditkit.pipeline.Pipeline`s (a few kept in memory) and
+what the page needs to know of each (kind, classes, samplers, the run's own sampling settings)."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ditkit.pipeline import Pipeline
+
+try:  # the Pipeline API's way to stop a sampling run from its callback
+    from ditkit.pipeline import Cancelled
+except ImportError:  # pragma: no cover - before the Pipeline API
+    class Cancelled(Exception):  # type: ignore[no-redef]
+        """Raised from a sampling callback to stop the run."""
+
+KEEP_LOADED = 3  # pipelines kept in memory; browsing many checkpoints must not fill it
+
+
+class PipelineCache:
+    """Pipelines by (checkpoint, ema), the least recently used dropped beyond `size`."""
+
+    def __init__(self, size: int = KEEP_LOADED, device: str | None = None):
+        self.size, self.device = size, device
+        self._pipes: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, checkpoint: Path, ema: bool = True) -> Any:
+        key = (str(checkpoint), bool(ema))
+        with self._lock:  # one load at a time: two requests for a new checkpoint load it once
+            if key in self._pipes:
+                self._pipes.move_to_end(key)
+                return self._pipes[key]
+            pipe = load(checkpoint, ema, self.device)
+            self._pipes[key] = pipe
+            while len(self._pipes) > self.size:
+                self._pipes.popitem(last=False)
+            return pipe
+
+
+def load(checkpoint: Path, ema: bool, device: str | None) -> Any:
+    """`Pipeline.load`; before the Pipeline API (issue 13) is merged, a thin stand-in over the old one."""
+    if hasattr(Pipeline, "load"):
+        return Pipeline.load(checkpoint, ema=ema, device=device)
+    from ditkit.app.legacy import LegacyPipeline
+
+    return LegacyPipeline.load(checkpoint, ema=ema, device=device)
+
+
+def samplers(pipe: Any) -> list[str]:
+    """The samplers this run's objective allows, its default first."""
+    from ditkit.sampling import samplers_for
+
+    return list(samplers_for(pipe.objective))
+
+
+def facts(pipe: Any) -> dict[str, Any]:
+    """What the page's controls need: the kind of run, its classes, samplers and default settings."""
+    names = list(pipe.class_names or [])
+    return {
+        "kind": pipe.kind,
+        "num_classes": int(pipe.num_classes),
+        "class_names": [str(n) for n in names],
+        "conditional": bool(pipe.conditional),
+        "image_size": list(pipe.image_size) if isinstance(pipe.image_size, (tuple, list)) else
+        [int(pipe.image_size)] * 2,
+        "channels": int(pipe.channels),
+        "samplers": samplers(pipe),
+        "defaults": {k: v for k, v in pipe.defaults.items() if isinstance(v, (int, float, str, list, tuple, type(None)))},
+        "frames": pipe.info.get("frames"),
+    }

@@ -210,6 +210,10 @@ function showResult(s) {
   $("status").textContent = `${s.images.length} sample(s)` + (facts ? ` — ${facts}` : "");
   const ext = s.media === "image/gif" ? "gif" : "png";
   const grid = el("img", { src: s.grid, class: "grid pix", alt: "all samples in a grid", id: "result-grid" });
+  grid.addEventListener("load", () => {  // small samples enlarged, whole pixels, within the panel
+    const scale = Math.max(1, Math.floor(Math.min(512 / grid.naturalWidth, 384 / grid.naturalHeight)));
+    grid.style.width = `${grid.naturalWidth * scale}px`;
+  });
   const samples = el("div", { class: "samples" });
   const names = (state.model && state.model.class_names) || [];
   s.images.forEach((url, i) => {
@@ -309,8 +313,9 @@ function lossCurve(columns) {
     svg.append(path);
   };
   line(loss, "raw");
-  const smooth = [];  // exponential moving average, as TensorBoard's smoothing
-  loss.forEach((v, i) => smooth.push(i ? 0.9 * smooth[i - 1] + 0.1 * v : v));
+  const smooth = [];  // exponential moving average over about a tenth of the points
+  const w = Math.min(0.95, Math.max(0, 1 - 10 / loss.length));
+  loss.forEach((v, i) => smooth.push(i ? w * smooth[i - 1] + (1 - w) * v : v));
   line(smooth, "smooth");
   text(2, 14, hi.toPrecision(3));
   text(2, H - P, lo.toPrecision(3));

@@ -125,6 +125,25 @@ def test_generate_in_the_browser_then_a_bad_value_shows_a_message(server):
             page.get_by_role("button", name="Generate").click()
             expect(page.locator("#status")).to_contain_text("steps 1", timeout=300_000)
             expect(page.locator("#error")).to_be_hidden()
+
+            # editing: upload a picture, paint a stroke of mask over it, inpaint
+            picture = root / "ring.png"
+            ring = np.zeros((64, 64), np.uint8)
+            yy, xx = np.mgrid[:64, :64]
+            ring[np.abs(np.hypot(yy - 32, xx - 32) - 20) < 4] = 255
+            Image.fromarray(ring).save(picture)
+            page.get_by_role("button", name="Edit", exact=True).click()
+            page.set_input_files("#image-file", str(picture))
+            box = page.locator("#edit-mask").bounding_box()
+            page.mouse.move(box["x"] + 40, box["y"] + 40)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 200, box["y"] + 200, steps=8)
+            page.mouse.up()
+            page.fill("#n", "2")
+            page.get_by_role("button", name="Edit image").click()
+            expect(page.locator("#status")).to_contain_text("2 sample(s)", timeout=300_000)
+            expect(page.locator("#status")).to_contain_text("strength 1")  # a mask: inpainting from noise
+            expect(page.locator("#error")).to_be_hidden()
             assert errors == [], f"JavaScript errors on the page: {errors}"
         finally:
             browser.close()

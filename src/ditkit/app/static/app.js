@@ -262,30 +262,47 @@ function clearMask() {
   state.maskDirty = false;
 }
 
+const MASK_COLOUR = [255, 64, 64];  // how the painted part shows over the image
+
 function maskDataURL() {
-  return $("edit-mask").toDataURL("image/png");  // painted = white (regenerate); transparent = keep
+  // what the server reads: white (regenerate) where painted, black (keep) elsewhere
+  const c = $("edit-mask");
+  const out = document.createElement("canvas");
+  out.width = c.width; out.height = c.height;
+  const data = c.getContext("2d").getImageData(0, 0, c.width, c.height);
+  for (let i = 0; i < data.data.length; i += 4) {
+    const v = data.data[i + 3] >= 128 ? 255 : 0;
+    data.data[i] = data.data[i + 1] = data.data[i + 2] = v;
+    data.data[i + 3] = 255;
+  }
+  out.getContext("2d").putImageData(data, 0, 0);
+  return out.toDataURL("image/png");
 }
 
 function setupMaskPainting() {
   const c = $("edit-mask");
   const ctx = c.getContext("2d");
-  let drawing = false;
+  let last = null;
   const at = (e) => {
     const r = c.getBoundingClientRect();
     return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height];
   };
   const paint = (e) => {
-    if (!drawing) return;
+    if (!last) return;
     const [x, y] = at(e);
-    ctx.fillStyle = "#fff";
+    ctx.strokeStyle = `rgb(${MASK_COLOUR.join(",")})`;
+    ctx.lineWidth = $("brush").value;
+    ctx.lineCap = ctx.lineJoin = "round";
     ctx.beginPath();
-    ctx.arc(x, y, $("brush").value / 2, 0, 2 * Math.PI);
-    ctx.fill();
+    ctx.moveTo(last[0], last[1]);
+    ctx.lineTo(x, y);
+    ctx.stroke();
+    last = [x, y];
     state.maskDirty = true;
   };
-  c.addEventListener("pointerdown", (e) => { drawing = true; c.setPointerCapture(e.pointerId); paint(e); });
+  c.addEventListener("pointerdown", (e) => { last = at(e); c.setPointerCapture(e.pointerId); paint(e); });
   c.addEventListener("pointermove", paint);
-  c.addEventListener("pointerup", () => { drawing = false; });
+  c.addEventListener("pointerup", () => { last = null; });
 }
 
 // ------------------------------------------------------------------------------------------ run browser
@@ -400,13 +417,13 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("image-file").addEventListener("change", () => readFile($("image-file"), (img) => { state.image = img; drawImage(img); }));
   $("mask-file").addEventListener("change", () => readFile($("mask-file"), (img) => {
     clearMask();
-    // an uploaded mask: its light pixels are painted (white), its dark ones left transparent (keep)
+    // an uploaded mask: its light pixels are painted, its dark ones left transparent (keep)
     const c = $("edit-mask"), ctx = c.getContext("2d");
     ctx.drawImage(img, 0, 0, c.width, c.height);
     const data = ctx.getImageData(0, 0, c.width, c.height);
     for (let i = 0; i < data.data.length; i += 4) {
       const light = (data.data[i] + data.data[i + 1] + data.data[i + 2]) / 3 >= 128 && data.data[i + 3] >= 128;
-      data.data.fill(light ? 255 : 0, i, i + 4);
+      data.data.set(light ? [...MASK_COLOUR, 255] : [0, 0, 0, 0], i);
     }
     ctx.putImageData(data, 0, 0);
     state.maskDirty = true;

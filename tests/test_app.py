@@ -461,3 +461,20 @@ def test_events_stream_the_job_until_it_ends(server):
         events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1]["status"] == "done" and events[-1]["images"]
     assert all(e["status"] in ("queued", "running", "done") for e in events)
+
+
+def test_samples_become_one_picture_each_and_a_grid():
+    from types import SimpleNamespace
+
+    from ditkit.app.pictures import Result
+
+    images = torch.linspace(-1, 1, 6 * 16).reshape(6, 1, 4, 4)
+    result = Result.of(SimpleNamespace(images=images, labels=torch.arange(6), ncol=3, settings={"steps": 2}))
+    assert result.media == "image/png" and result.labels == list(range(6)) and len(result.images) == 6
+    first = np.asarray(Image.open(io.BytesIO(result.images[0])))
+    assert first.shape == (4, 4) and np.array_equal(first, ((images[0, 0] + 1) * 127.5).round().byte().numpy())
+    assert Image.open(io.BytesIO(result.grid)).size == (3 * 6 + 2, 2 * 6 + 2)  # 3 columns, 2 rows, 2px padding
+    clips = torch.rand(2, 1, 5, 4, 4) * 2 - 1  # (N, C, F, H, W): animated GIFs
+    result = Result.of(SimpleNamespace(images=clips, labels=torch.tensor([1, 2]), ncol=2, settings={}))
+    assert result.media == "image/gif" and len(result.images) == 2
+    assert Image.open(io.BytesIO(result.images[1])).n_frames == 5 and Image.open(io.BytesIO(result.grid)).n_frames == 5

@@ -145,12 +145,13 @@ class App:
         if hasattr(pipe, "settings"):  # the Pipeline's own checks of the settings, before queueing
             pipe.settings(**{k: args[k] for k in ("sampler", "steps", "cfg", "cfg_interval") if k in args})
 
+        ncol = args.get("n", 1) if edit else len(args.get("prompts") or args.get("classes") or [0])
+        run = pipe.edit if edit else pipe.generate
+
         def work(job) -> Result:
             def callback(step: int, total: int, preview) -> None:
                 job.progress(step, total, preview, lambda x: grid_png(x, ncol))
 
-            ncol = args.get("n", 1) if edit else len(args.get("prompts") or args.get("classes") or [0])
-            run = pipe.edit if edit else pipe.generate
             return Result.of(run(**args, progress=False, callback=callback))
 
         job = self.board.submit(str(checkpoint), work)

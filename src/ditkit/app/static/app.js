@@ -36,6 +36,12 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function fitPixels(img) {
+  // small samples enlarged by a whole factor (sharp pixels), within about 512 x 384
+  const scale = Math.max(1, Math.floor(Math.min(512 / img.naturalWidth, 384 / img.naturalHeight)));
+  img.style.width = `${img.naturalWidth * scale}px`;
+}
+
 function option(select, value, label) {
   select.append(el("option", { value, text: label }));
 }
@@ -210,16 +216,13 @@ function showResult(s) {
   $("status").textContent = `${s.images.length} sample(s)` + (facts ? ` — ${facts}` : "");
   const ext = s.media === "image/gif" ? "gif" : "png";
   const grid = el("img", { src: s.grid, class: "grid pix", alt: "all samples in a grid", id: "result-grid" });
-  grid.addEventListener("load", () => {  // small samples enlarged, whole pixels, within the panel
-    const scale = Math.max(1, Math.floor(Math.min(512 / grid.naturalWidth, 384 / grid.naturalHeight)));
-    grid.style.width = `${grid.naturalWidth * scale}px`;
-  });
+  grid.addEventListener("load", () => fitPixels(grid));
   const samples = el("div", { class: "samples" });
   const names = (state.model && state.model.class_names) || [];
   s.images.forEach((url, i) => {
     const label = s.labels[i];
-    const caption = state.model && state.model.conditional && label !== undefined
-      ? (names[label] !== undefined ? String(names[label]) : `class ${label}`) : `#${i + 1}`;
+    const known = state.model && state.model.conditional && label !== undefined && label < state.model.num_classes;
+    const caption = known ? (names[label] !== undefined ? String(names[label]) : `class ${label}`) : `#${i + 1}`;
     samples.append(el("div", { class: "sample" },
       el("img", { src: url, class: "pix result", alt: `sample ${i + 1}` }),
       el("span", { text: caption.length > 24 ? caption.slice(0, 24) + "…" : caption }),
@@ -429,6 +432,7 @@ window.addEventListener("DOMContentLoaded", async () => {
     state.maskDirty = true;
   }));
   setupMaskPainting();
+  $("preview").addEventListener("load", () => fitPixels($("preview")));
   setInterval(() => { if (state.tab === "runs") refreshCurves(); }, 5000);  // live while a run trains
   try {
     await loadRuns(false);

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { runs: [], model: null, job: null, source: null, tab: "play", maskDirty: false, image: null };
+const state = { runs: [], runsKey: "", model: null, job: null, source: null, tab: "play", maskDirty: false, image: null };
 
 // ------------------------------------------------------------------------------------------ helpers
 function showError(message) {
@@ -53,6 +53,9 @@ function currentRun() {
 
 async function loadRuns(keepSelection = true) {
   const data = await api("/api/runs");
+  const key = JSON.stringify(data.runs);
+  if (key === state.runsKey) { refreshCurves(); return; }  // same runs, checkpoints and pictures
+  state.runsKey = key;
   const before = $("run").value;
   state.runs = data.runs;
   $("run").replaceChildren();
@@ -433,7 +436,9 @@ window.addEventListener("DOMContentLoaded", async () => {
   }));
   setupMaskPainting();
   $("preview").addEventListener("load", () => fitPixels($("preview")));
-  setInterval(() => { if (state.tab === "runs") refreshCurves(); }, 5000);  // live while a run trains
+  setInterval(() => {  // live while a run trains: new checkpoints and grids, the loss curve re-read
+    if (state.tab === "runs") loadRuns().catch((err) => showError(err.message));
+  }, 5000);
   try {
     await loadRuns(false);
     await loadModel();

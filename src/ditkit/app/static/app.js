@@ -216,7 +216,8 @@ function showResult(s) {
   const st = s.settings || {};
   const facts = ["sampler", "steps", "cfg", "strength"].filter((k) => st[k] !== undefined && st[k] !== null)
     .map((k) => `${k} ${st[k]}`).join(", ");
-  $("status").textContent = `${s.images.length} sample(s)` + (facts ? ` — ${facts}` : "");
+  const what = typeof st.what === "string" ? `${st.what} ` : "";  // edits: inpainted, edited, ...-controlled
+  $("status").textContent = `${s.images.length} ${what}sample(s)` + (facts ? ` — ${facts}` : "");
   const ext = s.media === "image/gif" ? "gif" : "png";
   const grid = el("img", { src: s.grid, class: "grid pix", alt: "all samples in a grid", id: "result-grid" });
   grid.addEventListener("load", () => fitPixels(grid));

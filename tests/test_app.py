@@ -369,7 +369,7 @@ def test_generate_over_http_gives_previews_then_images_at_the_models_size(server
     status, job = call(f"{server}/api/generate", body)
     assert status == 202 and job["status"] in ("queued", "running")
     state = wait(server, job["job"])
-    assert state["status"] == "done" and state["labels"] == [3, 3] and state["total"] == 4
+    assert state["status"] == "done" and state["labels"] == [3, 3] and state["total"] == 4 and state["ncol"] == 1
     assert state["settings"]["steps"] == 4 and state["settings"]["cfg"] == 2
     assert state["previews"] >= 1 and call(f"{server}/api/jobs/{job['job']}/preview")[1][:4] == b"\x89PNG"
     images = []

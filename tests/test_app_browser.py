@@ -112,7 +112,6 @@ def test_generate_in_the_browser_then_a_bad_value_shows_a_message(server):
             for src in sources:
                 image = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("L"), dtype=np.int16)
                 assert image.max() - image.min() > 0, "a generated image is blank"
-            assert page.locator("#result-grid").evaluate("img => img.complete && img.naturalWidth > 0")
             expect(page.get_by_role("link", name="download grid")).to_have_attribute("download", "samples-j1.png")
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot))
@@ -122,10 +121,14 @@ def test_generate_in_the_browser_then_a_bad_value_shows_a_message(server):
             expect(page.locator("#error")).to_have_text("steps must be a whole number from 1 to 1000, got '0'")
             expect(page.get_by_role("button", name="Generate")).to_be_enabled()
 
-            page.fill("#steps", "1")  # and the server goes on serving
+            page.fill("#steps", "1")  # and the server goes on serving: one of every class, as a grid
+            page.select_option("#classes", "all")
+            page.fill("#n", "1")
             page.get_by_role("button", name="Generate").click()
-            expect(page.locator("#status")).to_contain_text("steps 1", timeout=300_000)
+            expect(page.locator("#status")).to_contain_text("10 sample(s) — sampler heun, steps 1", timeout=300_000)
             expect(page.locator("#error")).to_be_hidden()
+            expect(page.locator("#result-grid")).to_be_visible()
+            assert page.locator("#result-grid").evaluate("img => img.complete && img.naturalWidth > 0")
 
             # editing: upload a picture, paint a stroke of mask over it, inpaint
             picture = root / "ring.png"

@@ -40,6 +40,7 @@ class Result:
     grid: bytes
     labels: list[int]
     settings: dict[str, Any]
+    ncol: int = 1  # columns of the grid (classes or prompts)
 
     @classmethod
     def of(cls, samples: Any) -> Result:
@@ -49,6 +50,6 @@ class Result:
                     if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
         if images.ndim == 5:
             return cls("image/gif", [_gif(clip_frames(images[i:i + 1], 1, scale=1)) for i in range(len(images))],
-                       _gif(clip_frames(images, ncol, scale=1)), labels, settings)
+                       _gif(clip_frames(images, ncol, scale=1)), labels, settings, ncol)
         return cls("image/png", [_png(make_grid(images[i:i + 1], 1, padding=0)) for i in range(len(images))],
-                   _png(make_grid(images, ncol)), labels, settings)
+                   _png(make_grid(images, ncol)), labels, settings, ncol)

@@ -179,6 +179,7 @@ class App:
         if job.status == "done":
             base = f"/api/jobs/{job.id}"
             state.update(media=job.result.media, labels=job.result.labels, settings=job.result.settings,
+                         ncol=job.result.ncol,
                          images=[f"{base}/image/{i}" for i in range(len(job.result.images))], grid=f"{base}/grid")
         return state
 

@@ -232,8 +232,9 @@ function showResult(s) {
       el("span", { text: caption.length > 24 ? caption.slice(0, 24) + "…" : caption }),
       el("a", { href: url, download: `sample-${s.id}-${i + 1}.${ext}`, text: "download" })));
   });
-  $("results").replaceChildren(grid,
-    el("div", {}, el("a", { href: s.grid, download: `samples-${s.id}.${ext}`, text: "download grid" })), samples);
+  const link = el("div", {}, el("a", { href: s.grid, download: `samples-${s.id}.${ext}`, text: "download grid" }));
+  // one column (one class or prompt): the row of samples below says it all
+  $("results").replaceChildren(...(s.ncol > 1 ? [grid] : []), link, samples);
 }
 
 async function cancel() {

@@ -43,15 +43,15 @@ def draw(pipe: Pipeline, y: torch.Tensor, noise: torch.Tensor, sampler: str | No
     """Samples for labels y from fixed noise (N, C, H, W), in the run's precision; sampler, steps and CFG
     default to the run's, model and objective to the pipeline's. Returns the images in [-1, 1], the NFE of
     one trajectory and the seconds taken."""
-    cfg = pipe.info["train_config"]
+    cfg, run = pipe.info["train_config"], pipe.defaults
     counted = CountingModel(model or pipe.model)
     start, images, nfe = time.perf_counter(), [], 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16"):
         for i in range(0, len(y), chunk):
             counted.calls = 0
             out = sample(counted, objective or pipe.objective, noise[i:i + chunk].shape, y=y[i:i + chunk],
-                         cfg_scale=cfg["cfg_scale"] if cfg_scale is None else cfg_scale,
-                         steps=steps or cfg["sample_steps"], sampler=sampler or cfg["sampler"],
+                         cfg_scale=run["cfg"] if cfg_scale is None else cfg_scale,
+                         steps=steps or run["steps"], sampler=sampler or run["sampler"],
                          noise=noise[i:i + chunk], generator=torch.Generator().manual_seed(i), progress=False,
                          guided_channels=pipe.model.in_channels, null_label=pipe.model.num_classes)
             images.append(out.float().clamp(-1, 1))

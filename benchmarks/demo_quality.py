@@ -28,11 +28,11 @@ def main() -> None:
     y, noise = digits(args.n_per_class)
     images, nfe, sample_seconds = draw(pipe, y, noise, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
     m = evaluate(images, y)
-    cfg = pipe.info["train_config"]
+    cfg = pipe.defaults
     print(f"{'run':<28} {args.run}")
     print(f"{'train time':<28} {'reused' if train_seconds is None else f'{train_seconds:.0f} s'}")
     print(f"{'sampling':<28} {args.sampler or cfg['sampler'] or 'default sampler'}, {nfe} NFE, "
-          f"cfg {cfg['cfg_scale'] if args.cfg is None else args.cfg}: {sample_seconds:.0f} s for {len(y)} digits")
+          f"cfg {cfg['cfg'] if args.cfg is None else args.cfg}: {sample_seconds:.0f} s for {len(y)} digits")
     print(f"{'classifier, held-out real':<28} {m['classifier_heldout_accuracy']:.1%}")
     print(f"{'classifier, generated':<28} {m['accuracy']:.1%}  ({args.n_per_class} per class)")
     print(f"{'FD-classifier':<28} {m['fd_classifier']:.2f}  (real-vs-real baseline {m['fd_classifier_real_baseline']:.2f})")

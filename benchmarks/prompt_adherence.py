@@ -43,7 +43,7 @@ def main() -> None:
         prompts = [captions[i] for i in pick]
         table = pipe.with_prompts(prompts)
         shape = (args.n, pipe.model.in_channels, *table.input_size)
-        for name, y, cfg in (("prompted", torch.arange(args.n), config.cfg_scale),
+        for name, y, cfg in (("prompted", torch.arange(args.n), config.sample.cfg_scale),
                              ("unconditional", torch.full((args.n,), args.n), 1.0)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                 x = sample(table, pipe.objective, shape, y=y, cfg_scale=cfg, steps=20, sampler="heun",

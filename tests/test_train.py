@@ -206,7 +206,7 @@ def test_mnist_config_file_is_the_demo_default():
     from_file = build_config(str(path)).to_dict()
     defaults = TrainConfig().to_dict()
     from_file.pop("out"), defaults.pop("out")
-    assert from_file == {**defaults, "sampler": "heun"}
+    assert from_file == {**defaults, "sample": {**defaults["sample"], "sampler": "heun"}}
 
 
 def test_wall_clock_budget_stops_early_and_saves(tmp_path):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
+import traceback
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -27,16 +27,19 @@ TRAIN_FLAGS = ("data", "model", "objective", "steps", "minutes", "batch_size", "
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ditkit.train import build_config, train
+    from ditkit.train import build_config, resume_config, train
 
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
-    overrides = {k: v for k, v in overrides.items() if v not in (None, False)}
-    config = build_config(args.config, overrides, args.assignments)
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}  # None: not given (0 is a value, then validated)
+    if args.resume:  # the run's saved config, with the flags that do not change its identity
+        config = resume_config(args.config, overrides, args.assignments)
+    else:
+        config = build_config(args.config, overrides, args.assignments)
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one process reports
         return 0
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s), "
-          f"final loss {result.final_loss:.4f}"
+    ran = result.steps - result.start_step
+    print(f"trained {ran} steps{f' (steps {result.start_step + 1}..{result.steps})' if result.start_step else ''} "
+          f"in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s), final loss {result.final_loss:.4f}"
           + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
     print(f"checkpoint: {result.checkpoint}")
     for name in ("samples.png", "samples.gif", "loss_curve.png", "metrics.csv"):
@@ -46,134 +49,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import importlib.util
+    from ditkit.pipeline import Pipeline, describe
 
-    import numpy as np
-    import torch
-
-    from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, shown_classes
-    from ditkit.io import atomic_path
-    from ditkit.models import VideoDiT
-    from ditkit.models.control import ControlDiT
-    from ditkit.diffusion import GaussianDiffusion
-    from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
-    from ditkit.pipeline import load_pipeline
-    from ditkit.sampling import sample
-
-    folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
-    clip_out = args.out.endswith((".gif", ".mp4"))
-    if not folder and not clip_out and not args.out.endswith((".png", ".npz")):
-        raise ValueError(f"--out must end in .png (an image grid), .npz (arrays for evaluation), / (a folder "
-                         f"of PNGs, one per sample) or, for a video model, .gif or .mp4, got {args.out}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(args.ckpt, ema=args.ema, device=device, vae=args.vae)
-    if isinstance(pipe.model, ControlDiT):
-        raise ValueError(f"{args.ckpt} is a control run: it samples from a condition image, "
-                         f"use ditkit edit --ckpt {args.ckpt} --image IMAGE --out OUT.png")
-    video = isinstance(pipe.model, VideoDiT)
-    if video != clip_out and not args.out.endswith(".npz"):
-        raise ValueError(f"{args.ckpt} holds {'a video' if video else 'an image'} model: write its samples to "
-                         f"{'.gif, .mp4' if video else '.png, a folder/'} or .npz, not {args.out}")
-    if args.out.endswith(".mp4") and importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing")
-    if args.frames is not None and (not video or args.frames < 1):
-        raise ValueError(f"--frames must be >= 1 and applies to video models only, got {args.frames}")
-    frames = [args.frames or pipe.model.num_frames] if video else []  # clips are (N, C, F, H, W)
-    model = pipe.model
-    if args.prompts is not None or pipe.is_text_model:  # prompts act as class labels 0..P-1
-        if args.classes is not None:
-            raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
-        captions = pipe.info.get("class_names", [])  # default: up to 10 of the training captions
-        prompts = args.prompts or [captions[i] for i in shown_classes(len(captions))]
-        model = pipe.with_prompts(prompts)
-    K, C = model.num_classes, pipe.model.in_channels
-    conditional = pipe.info.get("conditional", K > 1)
-    sampler, steps, cfg, guided = args.sampler, args.steps, args.cfg, None
-    if args.paper:  # the original sample.py: 250 DDPM steps, CFG 4 on 3 channels, its 8 ImageNet classes
-        if not isinstance(pipe.objective, GaussianDiffusion):
-            raise ValueError("--paper reproduces the original's DDPM sampling: this run was trained with flow matching")
-        sampler, steps, cfg = PAPER_SAMPLING["sampler"], PAPER_SAMPLING["steps"], PAPER_SAMPLING["cfg_scale"]
-        guided = min(PAPER_SAMPLING["guided_channels"], C)
-    default_classes = PAPER_CLASSES if args.paper and K == 1000 else list(range(K))
-    classes = args.classes if args.classes is not None else (default_classes if conditional else [0])
-    bad = [k for k in classes if not 0 <= k < K]
-    if bad:
-        raise ValueError(f"--class {bad} out of range: this model has classes 0..{K - 1}")
+    pipe = Pipeline.load(args.ckpt, ema=args.ema, vae=args.vae)
+    pipe.check_output(args.out)  # before sampling, not after
+    preset = pipe.paper_preset() if args.paper else {}
+    classes = args.classes if args.classes is not None else preset.pop("classes", None)
+    preset.pop("classes", None)
+    given = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg).items() if v is not None}
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
-    latents_only = pipe.vae is None and pipe.info.get("latent", False)
-    if latents_only and not args.out.endswith(".npz"):
-        raise ValueError(f"this model samples {C}-channel latents: pass --vae DIR (the diffusers AutoencoderKL "
-                         "its latents come from, e.g. a local copy of stabilityai/sd-vae-ft-ema), or write "
-                         "the raw latents to --out FILE.npz")
-    if args.half and device != "cuda":
-        raise ValueError("--half samples in float16 on a CUDA GPU, and none is available")
-    y = torch.tensor(classes, device=device).repeat(n_per_class)
-    H, W = model.input_size
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
-        raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
-                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided)
-    images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()
-    if folder:
-        save_image_folder(args.out, images, y.cpu() if conditional else None)
-    elif args.out.endswith(".npz"):
-        with atomic_path(args.out) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images.numpy(), labels=y.cpu().numpy())
-    elif clip_out:
-        (save_gif if args.out.endswith(".gif") else save_mp4)(args.out, images, nrow=len(classes), scale=2)
-    else:
-        save_grid(args.out, images, nrow=len(classes))
-    print(f"wrote {len(y)} samples to {args.out}")
+    samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
+                            frames=args.frames, half=args.half, **{**preset, **given})
+    pipe.save(samples, args.out)
+    print(f"sampling: {describe(samples.settings)}")
+    print(f"wrote {len(samples.images)} samples to {args.out}")
     return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    import torch
+    from ditkit.pipeline import Pipeline, describe
 
-    from ditkit.data.conditions import make_condition
-    from ditkit.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
-    from ditkit.images import save_grid
-    from ditkit.models import VideoDiT
-    from ditkit.models.control import ControlDiT
-    from ditkit.pipeline import load_pipeline
-
-    if not args.out.endswith(".png"):
-        raise ValueError(f"--out must end in .png, got {args.out}")
-    if args.n < 1 or args.scale < 1:
-        raise ValueError(f"--n and --scale must be >= 1, got {args.n} and {args.scale}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    image = read_image(args.image).to(device).repeat(args.n, 1, 1, 1)
-    mask = read_mask(args.mask).to(device) if args.mask else None
-    pipe = load_pipeline(args.ckpt, ema=args.ema, device=device)
-    if pipe.vae is not None or pipe.info.get("latent", False) or isinstance(pipe.model, VideoDiT):
-        raise ValueError(f"{args.ckpt} is a latent or video run: editing works on pixel-space image runs only")
-    model = pipe.model
-    if args.prompt is not None or pipe.is_text_model:  # the prompt acts as class label 0
-        if args.class_ is not None or args.prompt is None:
-            raise ValueError("a text-to-image run takes --prompt TEXT, a class-conditional one --class K")
-        model = pipe.with_prompts([args.prompt])
-        y = torch.zeros(args.n, dtype=torch.long, device=device)
-    else:
-        K = pipe.num_classes
-        conditional = pipe.info.get("conditional", K > 1)
-        if args.class_ is not None and not (conditional and 0 <= args.class_ < K):
-            raise ValueError(f"--class {args.class_}: this model has "
-                             + (f"classes 0..{K - 1}" if conditional else "no classes (it is unconditional)"))
-        y = None if args.class_ is None else torch.full((args.n,), args.class_, device=device)
-    control = isinstance(model, ControlDiT)
-    if control:  # the structure comes from the input image
-        model = model.bind(make_condition(model.condition, image))
-    strength = args.strength
-    if strength is None:
-        strength = 1.0 if mask is not None or control else DEFAULT_STRENGTH
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = edit(model, pipe.objective, image, mask, strength, y=y, cfg_scale=args.cfg if y is not None else 1.0,
-               steps=args.steps, sampler=args.sampler, jump_length=args.jump_length,
-               jump_n_sample=args.jump_n_sample, generator=generator, progress=True)
-    save_grid(args.out, out.float().clamp(-1, 1).cpu(), nrow=args.n, scale=args.scale)
-    what = "inpainted" if mask is not None else f"{model.control.condition}-controlled" if control else "edited"
-    print(f"wrote {args.n} {what} image(s) (strength {strength}) to {args.out}")
+    pipe = Pipeline.load(args.ckpt, ema=args.ema)
+    pipe.check_output(args.out)
+    if args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    samples = pipe.edit(args.image, mask=args.mask, strength=args.strength, class_label=args.class_,
+                        prompt=args.prompt, n=args.n, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+                        seed=args.seed, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+    for note in samples.notes:
+        print(f"note: {note}")
+    pipe.save(samples, args.out, scale=args.scale)
+    print(f"sampling: {describe(samples.settings)}")
+    print(f"wrote {args.n} {samples.settings['what']} image(s) (strength {samples.settings['strength']}) "
+          f"to {args.out}")
     return 0
 
 
@@ -296,14 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes, whichever first")
     p.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
     p.add_argument("--out", help="run directory (checkpoints, metrics.csv, loss_curve.png, samples.png)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest good checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest good checkpoint, "
+                   "with its saved config (flags may change only what does not define the run; a larger --steps "
+                   "extends it)")
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--sample-every", type=int, help="write an EMA sample grid every K steps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
-    p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward")
+    p.add_argument("--unconditional", action="store_true", default=None, help="ignore class labels")
     p.add_argument("--control", choices=["edges", "lowres"], help="train a structure-control branch on this "
                    "condition image; the --base model stays frozen")
     p.add_argument("--base", help="with --control: the base run (or checkpoint) directory")
@@ -317,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
                    help="text-to-image runs: one or more prompts, one column each (default: 10 training captions)")
     p.add_argument("--n-per-class", type=int, help="samples per class (default 8; 1 with --paper)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
     p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "
@@ -364,21 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an image with a run: image-to-image, inpainting, structure control")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory (a control run: the "
                    "input image gives the condition)")
-    p.add_argument("--image", required=True, help="input image, of the model's size and channels")
+    p.add_argument("--image", required=True, help="input image (another size is centre-cropped and resized to "
+                   "the model's)")
     p.add_argument("--mask", help="inpainting mask of the image's size: white = regenerate, black = keep")
     p.add_argument("--strength", type=float, help="0 = the input unchanged .. 1 = from pure noise "
                    "(default: 1 with --mask or a control run, else 0.6)")
     p.add_argument("--class", dest="class_", type=int, metavar="K", help="class label (default: unconditional)")
     p.add_argument("--prompt", help="text prompt (text-to-image runs)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale, with --class or --prompt")
-    p.add_argument("--steps", type=int, help="sampling steps of the full schedule (default: the sampler's)")
-    p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, with --class or --prompt (default: "
+                   "the run's)")
+    p.add_argument("--steps", type=int, help="sampling steps of the full schedule (default: the run's)")
+    p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs); default: the run's")
     p.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint jump length in steps")
     p.add_argument("--jump-n-sample", type=int, default=1, help="inpainting: times each stretch is sampled")
     p.add_argument("--n", type=int, default=1, help="how many edits of the image (one row)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="FILE.png: the edited image(s) in one row")
+    p.add_argument("--out", required=True, help="FILE.png: the edited image at its size (--n > 1: a row), or DIR/")
     p.add_argument("--scale", type=int, default=1, help="enlarge each pixel of --out to SCALE x SCALE")
     p.set_defaults(func=cmd_edit)
 
@@ -420,9 +332,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
-        print(f"ditkit {args.command}: error: {err}", file=sys.stderr)
+    except EXPECTED_ERRORS as err:  # bad input or environment: one clear line, no traceback
+        print(f"ditkit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: keep the traceback
+        traceback.print_exc()
+        print(f"ditkit {args.command}: this looks like a bug in ditkit; please report it with the traceback above "
+              f"and the command you ran", file=sys.stderr)
+        return 1
+
+
+# ValueError covers bad values, unusable checkpoints (CheckpointError) and config files; OSError covers
+# missing files, permissions, read-only disks and an --out that is a file
+EXPECTED_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an expected error."""
+    if isinstance(err, ModuleNotFoundError):
+        return f"this needs the {err.name} package, which is not installed (pip install {err.name})"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.splitlines())
 
 
 if __name__ == "__main__":

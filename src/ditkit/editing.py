@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from ditkit.diffusion import FlowMatching, GaussianDiffusion
-from ditkit.sampling import sample, sampling_schedule
+from ditkit.sampling import Callback, sample, sampling_schedule
 
 DEFAULT_STRENGTH = 0.6  # SDEdit's sweet spot between faithfulness and realism (Meng et al., fig. 4)
 
@@ -72,14 +73,15 @@ def edit(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatchi
          cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None, steps: int | None = None,
          sampler: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
          generator: torch.Generator | None = None, progress: bool = False, guided_channels: int | None = None,
-         null_label: int | None = None) -> Tensor:
+         null_label: int | None = None, callback: Callback | None = None, **options: Any) -> Tensor:
     """Edit images (N, C, H, W) in the model's range ([-1, 1] for pixels) with `model(x, t, y)`.
 
     mask: None for image-to-image; else (H, W) or (N or 1, C or 1, H, W), 1 where pixels are regenerated
     and 0 where the image is kept (inpainting). strength in [0, 1]: how much noise the edit starts from
     (None: 1 with a mask, DEFAULT_STRENGTH without). jump_length, jump_n_sample: RePaint's resampling
     jumps (inpainting only): every jump_length steps, go back jump_length steps and sample them again,
-    jump_n_sample times in all. The rest is as `ditkit.sampling.sample`; all noise comes from `generator`.
+    jump_n_sample times in all. The rest (and `options`) is as `ditkit.sampling.sample`; all noise comes
+    from `generator`.
     """
     check_image(model, image)
     keep = None if mask is None else _keep_mask(mask, image)
@@ -106,7 +108,7 @@ def edit(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatchi
     return sample(model, objective, image.shape, y=y, cfg_scale=cfg_scale, cfg_interval=cfg_interval, steps=steps,
                   sampler=sampler, generator=generator, progress=progress, guided_channels=guided_channels,
                   null_label=null_label, noise=x, start_step=start, step_hook=None if keep is None else keep_known,
-                  jump_length=jump_length, jump_n_sample=jump_n_sample)
+                  jump_length=jump_length, jump_n_sample=jump_n_sample, callback=callback, **options)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,40 +1,351 @@
-"""Loading a trained run for sampling: model (raw or EMA), objective and data facts from a checkpoint."""
+"""The one inference API, for every front end (CLI, Python, web page): load a run, generate or edit,
+save. A run records how it samples (its config's `sample` section); None for an argument means "as this
+run does", and every recorded sampling option is passed through to `ditkit.sample()`.
+
+    pipe = Pipeline.load("runs/demo")
+    samples = pipe.generate(classes=[3, 7], n_per_class=4)      # the run's sampler, steps and CFG
+    pipe.save(samples, "grid.png")
+
+Importing this module imports no training code.
+"""
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ditkit.data.conditions import make_condition
 from ditkit.data.latents import load_latent_space
+from ditkit.diffusion import GaussianDiffusion, build_objective
+from ditkit.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
+from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
+from ditkit.io import atomic_path
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.prompts import PromptTable
+from ditkit.sampling import sample, sampling_schedule
 from ditkit.train import checkpoint as ckpt
-from ditkit.train.trainer import build_objective
+
+Preview = Callable[[int, int, Tensor], None]  # (step, total, x0 prediction as images in [-1, 1] on the CPU)
+# generate()'s argument names that differ from sample()'s keywords (the config's `sample` section uses sample()'s)
+ARGUMENT_NAMES = {"cfg_scale": "cfg"}
+FALLBACK_SETTINGS = {"sampler": None, "steps": None, "cfg": 1.5, "cfg_interval": None}  # runs that recorded none
+PAPER_PRESET = {"sampler": "ddpm", "steps": 250, "cfg": 4.0, "guided_channels": 3}  # the original sample.py
+PAPER_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # its 8 ImageNet classes
+OUTPUTS = ".png (an image, or a grid), .npz (arrays), DIR/ (one PNG per sample), .gif or .mp4 (video)"
+
+
+class Cancelled(Exception):
+    """Raise it from a callback to stop generating."""
+
+
+@dataclass
+class Samples:
+    images: Tensor           # in [-1, 1] on the CPU, (N, C, H, W) or (N, C, F, H, W); raw latents if not decoded
+    labels: Tensor           # (N,) class / prompt index (num_classes: none)
+    ncol: int                # columns of a grid: the number of classes or prompts
+    settings: dict[str, Any]  # the sampling settings actually used
+    decoded: bool = True     # False: latents of a latent run without its VAE (save them as .npz)
+    notes: list[str] = field(default_factory=list)  # what was adapted (e.g. an input image resized)
 
 
 @dataclass
 class Pipeline:
-    # a ControlDiT (control run) needs its condition: model.bind(condition); a text model its prompts:
-    # pipe.with_prompts([...])
     model: DiT | ControlDiT | VideoDiT | MMDiT | PixArtDiT
     objective: Any
-    info: dict[str, Any]
-    vae: str | None = None  # the diffusers AutoencoderKL that decodes a latent model's samples
+    info: dict[str, Any]     # the run's run.json
+    vae: str | None = None   # the diffusers AutoencoderKL that decodes a latent model's samples
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # ---- loading and facts ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, ema: bool = True, device: str | torch.device | None = None,
+             vae: str | None = None) -> Pipeline:
+        """A run directory (its newest good checkpoint) or a checkpoint directory; `device` None: CUDA if
+        available; `vae` overrides the VAE the run recorded (latent runs, converted original checkpoints)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = ckpt.resolve_checkpoint(path)
+        weights = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
+        info = _read_json(path / "run.json") if (path / "run.json").is_file() else {"objective": "ddpm"}
+        model_type = _read_json(path / "config.json").get("model_type")
+        if model_type == ControlBranch.__name__:
+            model = _load_control(path, weights, info, device)
+        else:
+            classes = {c.__name__: c for c in (VideoDiT, MMDiT, PixArtDiT)}
+            model = classes.get(model_type, DiT).from_pretrained(path, weights_name=weights).to(device).eval()
+        config = info.get("train_config", {})
+        objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"))
+        return cls(model=model, objective=objective, info=info, vae=vae or info.get("vae"), device=device)
 
     @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
+    def kind(self) -> str:
+        """"image" | "video" | "text" | "control"."""
+        if isinstance(self.model, ControlDiT):
+            return "control"
+        if isinstance(self.model, VideoDiT):
+            return "video"
+        return "text" if self.is_text_model else "image"
 
     @property
     def is_text_model(self) -> bool:
         return isinstance(self.model, (MMDiT, PixArtDiT))
 
+    @property
+    def num_classes(self) -> int:
+        """Classes (a text run: its training captions)."""
+        return int(self.info.get("num_classes", getattr(self.model, "num_classes", 0)))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.get("class_names") or [str(k) for k in range(self.num_classes)])
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.info.get("conditional", self.num_classes > 1))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the model's input (latents for a latent run)."""
+        size = getattr(self.model, "input_size", None) or self.model.config["input_size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def channels(self) -> int:
+        return self.model.in_channels
+
+    @property
+    def latents_only(self) -> bool:
+        """A latent run without a VAE to decode its samples."""
+        return self.vae is None and bool(self.info.get("latent", False))
+
+    # ---- sampling settings ---------------------------------------------------------------------
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The run's own sampling settings (generate()'s names: sampler, steps, cfg, cfg_interval, and any
+        further `ditkit.sample()` option the run recorded)."""
+        recorded = self.info.get("sampling") or self.info.get("train_config", {}).get("sample")
+        if recorded is None:  # runs written before the `sample` section: flat keys
+            config = self.info.get("train_config", {})
+            old = {"sampler": "sampler", "sample_steps": "steps", "cfg_scale": "cfg_scale"}
+            recorded = {new: config[key] for key, new in old.items() if key in config}
+        settings = dict(FALLBACK_SETTINGS)
+        settings.update({ARGUMENT_NAMES.get(k, k): v for k, v in recorded.items()})
+        if settings.get("cfg_interval") is not None:
+            settings["cfg_interval"] = tuple(settings["cfg_interval"])
+        return settings
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """The run's defaults with the non-None `overrides` applied (cfg_scale is accepted for cfg), made
+        concrete (the sampler's name and number of steps) and validated."""
+        overrides = {ARGUMENT_NAMES.get(k, k): v for k, v in overrides.items() if v is not None}
+        s = {**self.defaults, **overrides}
+        unknown = [k for k in s if ARGUMENT_NAMES_INV.get(k, k) not in SAMPLE_OPTIONS]
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}: ditkit.sample() takes "
+                             f"{', '.join(sorted(SAMPLE_OPTIONS))}")
+        s["sampler"], _, s["steps"] = sampling_schedule(self.objective, s["sampler"], s["steps"])
+        if not self.conditional:
+            s["cfg"] = 1.0
+        if s["cfg"] < 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {s['cfg']}")
+        return s
+
+    def paper_preset(self) -> dict[str, Any]:
+        """generate() arguments of the original DiT sample.py: 250 DDPM steps, CFG 4 on 3 channels (and its
+        8 ImageNet classes, one sample each, for a 1000-class model)."""
+        if not isinstance(self.objective, GaussianDiffusion):
+            raise ValueError("--paper reproduces the original's DDPM sampling: this run was trained with flow matching")
+        preset = {**PAPER_PRESET, "guided_channels": min(PAPER_PRESET["guided_channels"], self.channels)}
+        return {**preset, "classes": PAPER_CLASSES if self.num_classes == 1000 else None}
+
+    # ---- generate ------------------------------------------------------------------------------
+    def generate(self, classes: list[int] | None = None, prompts: list[str] | None = None, n_per_class: int = 1,
+                 sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
+                 cfg_interval: tuple[float, float] | None = None, seed: int = 0, frames: int | None = None,
+                 progress: bool = True, callback: Preview | None = None, half: bool = False,
+                 **options: Any) -> Samples:
+        """`n_per_class` samples of each class (default: all) or prompt (text runs; default: up to 10 of the
+        training captions), one seeded generator; None settings are the run's. `half`: float16 autocast
+        (CUDA). `options`: further `ditkit.sample()` keywords (e.g. guided_channels)."""
+        if self.kind == "control":
+            raise ValueError("this is a control run: it samples from a condition image, use edit(image) "
+                             "(ditkit edit --ckpt RUN --image IMAGE --out OUT.png)")
+        if n_per_class < 1:
+            raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        if half and self.device.type != "cuda":
+            raise ValueError("half precision samples in float16 on a CUDA GPU, and none is available")
+        model, columns = self._columns(classes, prompts)
+        if frames is not None and (self.kind != "video" or frames < 1):
+            raise ValueError(f"frames applies to video runs only (this is an {self.kind} run)"
+                             if self.kind != "video" else f"frames must be >= 1, got {frames}")
+        s = self.settings(sampler=sampler, steps=steps, cfg=cfg, cfg_interval=cfg_interval, **options)
+        y = torch.tensor(columns, device=self.device).repeat(n_per_class)
+        clip = [frames or self.model.num_frames] if self.kind == "video" else []  # clips are (N, C, F, H, W)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
+            raw = sample(model, self.objective, (len(y), self.channels, *clip, *self.image_size), y=y,
+                         generator=generator, progress=progress, callback=self._previews(callback),
+                         **self._sample_kwargs(s))
+        images = raw.float().cpu() if self.latents_only else self.decode(raw).cpu()
+        return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only)
+
+    def _columns(self, classes: list[int] | None, prompts: list[str] | None) -> tuple[Any, list[int]]:
+        """The model to sample (a text model behind its prompts) and the label of each grid column."""
+        if prompts is not None or self.is_text_model:  # prompts act as class labels 0..P-1
+            if classes is not None:
+                raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
+            if not prompts:
+                prompts = [self.class_names[i] for i in shown_classes(len(self.class_names))]
+            return self.with_prompts(prompts), list(range(len(prompts)))
+        K = self.num_classes
+        if not self.conditional:
+            if classes is not None and list(classes) != [0]:
+                raise ValueError(f"class {list(classes)}: this run is unconditional (it has no classes)")
+            return self.model, [0]
+        classes = list(range(K)) if classes is None else list(classes)
+        bad = [k for k in classes if not 0 <= k < K]
+        if bad or not classes:
+            raise ValueError(f"--class {bad} out of range: this model has classes 0..{K - 1}")
+        return self.model, classes
+
+    # ---- edit ----------------------------------------------------------------------------------
+    def edit(self, image: str | os.PathLike | Tensor, mask: str | os.PathLike | Tensor | None = None,
+             strength: float | None = None, class_label: int | None = None, prompt: str | None = None, n: int = 1,
+             sampler: str | None = None, steps: int | None = None, cfg: float | None = None, seed: int = 0,
+             jump_length: int = 1, jump_n_sample: int = 1, progress: bool = True,
+             callback: Preview | None = None) -> Samples:
+        """`n` edits of one image (a file, or (C, H, W) / (1, C, H, W) in [-1, 1]): image-to-image
+        (SDEdit), inpainting where `mask` is white (RePaint), or, on a control run, the image's structure.
+        An image of another size is centre-cropped to the model's aspect ratio and resized (noted)."""
+        if self.kind == "video" or self.vae is not None or self.info.get("latent", False):
+            raise ValueError("this is a latent or video run: editing works on pixel-space image runs only")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        notes: list[str] = []
+        image = self._fit_image(read_image(image) if not isinstance(image, Tensor) else image, notes)
+        image = image.to(self.device).repeat(n, 1, 1, 1)
+        if mask is not None:
+            mask = self._fit_mask(read_mask(mask) if not isinstance(mask, Tensor) else mask, notes).to(self.device)
+        model, y = self._edit_condition(class_label, prompt, n)
+        if self.kind == "control":  # the structure comes from the input image
+            model = model.bind(make_condition(model.condition, image))
+        if strength is None:
+            strength = 1.0 if mask is not None or self.kind == "control" else DEFAULT_STRENGTH
+        s = self.settings(sampler=sampler, steps=steps, cfg=cfg if y is not None else 1.0)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = edit(model, self.objective, image, mask, strength, generator=generator, progress=progress,
+                   jump_length=jump_length, jump_n_sample=jump_n_sample, y=y,
+                   callback=self._previews(callback), **self._sample_kwargs(s))
+        what = ("inpainted" if mask is not None else
+                f"{self.model.condition}-controlled" if self.kind == "control" else "edited")
+        labels = y.cpu() if y is not None else torch.full((n,), self.num_classes)
+        settings = {**s, "strength": strength, "seed": seed, "what": what}
+        return Samples(out.float().clamp(-1, 1).cpu(), labels, n, settings, notes=notes)
+
+    def _edit_condition(self, class_label: int | None, prompt: str | None, n: int) -> tuple[Any, Tensor | None]:
+        if prompt is not None or self.is_text_model:  # the prompt acts as class label 0
+            if class_label is not None or prompt is None:
+                raise ValueError("a text-to-image run takes --prompt TEXT, a class-conditional one --class K")
+            return self.with_prompts([prompt]), torch.zeros(n, dtype=torch.long, device=self.device)
+        if class_label is None:
+            return self.model, None
+        if not self.conditional:
+            raise ValueError(f"--class {class_label}: this run is unconditional (it has no classes)")
+        if not 0 <= class_label < self.num_classes:
+            raise ValueError(f"--class {class_label}: this model has classes 0..{self.num_classes - 1}")
+        return self.model, torch.full((n,), class_label, device=self.device)
+
+    def _fit_image(self, image: Tensor, notes: list[str]) -> Tensor:
+        """(1, C, H, W) at the model's channels and size: grey <-> colour converted, another size
+        centre-cropped to the model's aspect ratio and resized."""
+        image = image[None] if image.ndim == 3 else image
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"the image must be (C, H, W) or (1, C, H, W), got shape {tuple(image.shape)}")
+        C = self.channels
+        if image.shape[1] != C and {image.shape[1], C} == {1, 3}:
+            image = image.repeat(1, 3, 1, 1) if C == 3 else image.mean(dim=1, keepdim=True)
+            notes.append(f"converted the image to {'colour' if C == 3 else 'grey'} ({C} channel(s)), as the model takes")
+        elif image.shape[1] != C:
+            raise ValueError(f"the image has {image.shape[1]} channel(s) but the model takes {C}")
+        H, W = self.image_size
+        h, w = image.shape[-2:]
+        if (h, w) != (H, W):
+            image = F.interpolate(_centre_crop(image, H / W), size=(H, W), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp(-1, 1)
+            notes.append(f"resized the {w}x{h} image to the model's {W}x{H} (centre crop to its aspect ratio)")
+        return image
+
+    def _fit_mask(self, mask: Tensor, notes: list[str]) -> Tensor:
+        mask = mask[None, None] if mask.ndim == 2 else mask
+        H, W = self.image_size
+        if mask.ndim == 4 and tuple(mask.shape[-2:]) != (H, W):
+            mask = F.interpolate(_centre_crop(mask.float(), H / W), size=(H, W), mode="nearest")
+            notes.append(f"resized the mask to {W}x{H}")
+        return mask
+
+    # ---- save ----------------------------------------------------------------------------------
+    def check_output(self, path: str | os.PathLike) -> None:
+        """ValueError unless `path` is an output this run's samples can be written to (check it before
+        generating)."""
+        path = str(path)
+        folder = path.endswith(("/", os.sep)) or os.path.isdir(path)
+        if os.path.isfile(path.rstrip("/" + os.sep)) and folder:
+            raise ValueError(f"{path} is a file, not a folder")
+        clip = path.endswith((".gif", ".mp4"))
+        if not (folder or clip or path.endswith((".png", ".npz"))):
+            raise ValueError(f"--out must end in .png (an image grid), .npz (arrays for evaluation), / (a folder "
+                             f"of PNGs, one per sample) or, for a video model, .gif or .mp4, got {path}")
+        if path.endswith(".npz"):
+            return
+        video = self.kind == "video"
+        if video != clip:
+            raise ValueError(f"this run holds {'a video' if video else 'an image'} model: write its samples to "
+                             f"{'.gif, .mp4' if video else '.png, a folder/'} or .npz, not {path}")
+        if self.latents_only:
+            raise ValueError(f"this model samples {self.channels}-channel latents: pass a VAE (--vae DIR, the "
+                             "diffusers AutoencoderKL its latents come from, e.g. a local copy of "
+                             "stabilityai/sd-vae-ft-ema), or write the raw latents to FILE.npz")
+        if path.endswith(".mp4"):
+            import importlib.util
+
+            if importlib.util.find_spec("imageio_ffmpeg") is None:
+                raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing")
+
+    def save(self, samples: Samples, path: str | os.PathLike, scale: int | None = None) -> Path:
+        """Write samples by the path's form: FILE.png (one image at its own size, or a grid of `ncol`
+        columns), FILE.npz (images in [-1, 1], labels), DIR/ (one PNG per sample, a subfolder per class),
+        FILE.gif / FILE.mp4 (clips). `scale` enlarges each pixel (default 1, clips 2)."""
+        self.check_output(path)
+        text, images = str(path), samples.images
+        scale = scale if scale is not None else 2 if text.endswith((".gif", ".mp4")) else 1
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        if not samples.decoded and not text.endswith(".npz"):
+            raise ValueError(f"these samples are raw latents: write them to FILE.npz, not {text}")
+        if text.endswith(".npz"):
+            with atomic_path(text) as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images.numpy(), labels=samples.labels.numpy())
+        elif text.endswith((".gif", ".mp4")):
+            (save_gif if text.endswith(".gif") else save_mp4)(text, images, nrow=samples.ncol, scale=scale)
+        elif text.endswith(".png") and len(images) == 1:  # one image: at its own size, no border
+            save_png(text, to_uint8(images)[0], scale)
+        elif text.endswith(".png"):
+            save_grid(text, images, nrow=samples.ncol, scale=scale)
+        else:
+            save_image_folder(text, images, samples.labels if self.conditional or self.is_text_model else None)
+        return Path(text)
+
+    # ---- helpers -------------------------------------------------------------------------------
     def with_prompts(self, prompts: list[str]) -> PromptTable:
         """The text model conditioned on `prompts` as labels 0..P-1 (P = no prompt), encoded with the
         run's text encoder: sample it like a class-conditional DiT, with y = prompt indices."""
@@ -51,32 +362,60 @@ class Pipeline:
             return samples.float().clamp(-1, 1)
         return load_latent_space(self.vae, str(samples.device)).decode(samples)
 
+    def _sample_kwargs(self, s: dict[str, Any]) -> dict[str, Any]:
+        return {ARGUMENT_NAMES_INV.get(k, k): v for k, v in s.items()}
 
-def load_pipeline(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu",
-                  vae: str | None = None) -> Pipeline:
-    """Model + objective of a ditkit run directory (newest good checkpoint) or checkpoint directory;
-    `vae` overrides the VAE the run recorded (latent runs, converted original checkpoints)."""
-    path = ckpt.resolve_checkpoint(path)
-    weights = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
-    info_file = path / "run.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {"objective": "ddpm"}
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type == ControlBranch.__name__:
-        model = load_control(path, weights, info, device)
-    else:
-        classes = {cls.__name__: cls for cls in (VideoDiT, MMDiT, PixArtDiT)}
-        model_class = classes.get(model_type, DiT)
-        model = model_class.from_pretrained(path, weights_name=weights).to(device).eval()
-    config = info.get("train_config", {})
-    objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"))
-    return Pipeline(model=model, objective=objective, info=info, vae=vae or info.get("vae"))
+    def _previews(self, callback: Preview | None) -> Callable[[int, int, Tensor], None] | None:
+        if callback is None:
+            return None
+        decode = (lambda x: x.float().cpu()) if self.latents_only else (lambda x: self.decode(x).float().cpu())
+        return lambda step, total, x0: callback(step, total, decode(x0))
 
 
-def load_control(path: Path, weights: str, info: dict[str, Any], device: str | torch.device) -> ControlDiT:
+ARGUMENT_NAMES_INV = {v: k for k, v in ARGUMENT_NAMES.items()}
+# the settings a run may record and a caller may pass: sample()'s keywords, less what generate() supplies
+SAMPLE_OPTIONS = frozenset(inspect.signature(sample).parameters) - {
+    "model", "objective", "shape", "y", "generator", "progress", "callback", "noise", "step_noises", "start_step",
+    "step_hook"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ckpt.CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+def _centre_crop(x: Tensor, aspect: float) -> Tensor:
+    """The centred crop of (N, C, H, W) with height / width = aspect."""
+    h, w = x.shape[-2:]
+    if h / w > aspect:
+        ch = max(1, round(w * aspect))
+        top = (h - ch) // 2
+        return x[..., top:top + ch, :]
+    cw = max(1, round(h / aspect))
+    left = (w - cw) // 2
+    return x[..., left:left + cw]
+
+
+def _load_control(path: Path, weights: str, info: dict[str, Any], device: torch.device) -> ControlDiT:
     """A control run's branch on the base model it was trained on (the base checkpoint's EMA weights)."""
     base_dir = info.get("base_checkpoint")
     if base_dir is None or not Path(base_dir).is_dir():
         raise FileNotFoundError(f"control run {path} needs its base model, recorded in run.json as {base_dir}, "
                                 f"which is not there")
-    base = load_pipeline(base_dir, device=device).model
+    base = Pipeline.load(base_dir, device=device).model
     return ControlDiT(base, ControlBranch.from_pretrained(path, weights_name=weights)).to(device).eval()
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """One line of sampling settings, e.g. "heun, 20 steps, cfg 4.0, seed 0"."""
+    shown = {k: v for k, v in settings.items() if k not in ("sampler", "steps", "cfg", "what")}
+    extra = "".join(f", {k} {v}" for k, v in shown.items() if v is not None)
+    return f"{settings['sampler']}, {settings['steps']} steps, cfg {settings['cfg']}{extra}"
+
+
+def load_pipeline(path: str | os.PathLike, ema: bool = True, device: str | torch.device | None = None,
+                  vae: str | None = None) -> Pipeline:
+    """`Pipeline.load` (the name earlier code used)."""
+    return Pipeline.load(path, ema=ema, device=device, vae=vae)

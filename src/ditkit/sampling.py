@@ -11,12 +11,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ditkit.diffusion.flow import FLOW_TIME_SCALE, FlowMatching
 from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
-from ditkit.diffusion.flow import FlowMatching
-from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, space_timesteps
+from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, sampling_levels, space_timesteps
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100}
+Callback = Callable[[int, int, Tensor], None]  # (steps done, steps in all, x0 prediction) after each step
 
 
 def ddim_respacing(steps: int, num_timesteps: int) -> str:
@@ -60,6 +61,41 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
     return model_fn
 
 
+def x0_prediction(objective: GaussianDiffusion | FlowMatching, x: Tensor, model_t: Tensor, out: Tensor) -> Tensor:
+    """The clean sample the (guided) prediction `out` at state x and model timestep `model_t` points to:
+    flow x0 = x_t - t v; Gaussian x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) at the base schedule's step."""
+    pred = out[:, : x.shape[1]].to(x.dtype)
+    shape = (-1, *([1] * (x.ndim - 1)))
+    if isinstance(objective, FlowMatching):
+        return x - (model_t.to(x.dtype) / FLOW_TIME_SCALE).reshape(shape) * pred
+    if objective.model_mean_type == "x0":
+        return pred
+    abar = torch.cumprod(1.0 - objective.base_betas, dim=0).to(x.device)[model_t.long()].to(x.dtype).reshape(shape)
+    return (x - (1 - abar).sqrt() * pred) / abar.sqrt()
+
+
+def _with_previews(model_fn: Callable[[Tensor, Tensor], Tensor], objective: GaussianDiffusion | FlowMatching,
+                   step_hook: StepHook | None, callback: Callback,
+                   total: int) -> tuple[Callable[[Tensor, Tensor], Tensor], StepHook]:
+    """`model_fn` that remembers its last call, and a step hook that reports that call's x0 prediction."""
+    last: dict[str, Tensor] = {}
+    done = [0]
+
+    def recording_fn(x: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(x, t)
+        last.update(x=x, t=t, out=out)
+        return out
+
+    def hook(x: Tensor, level: int) -> Tensor:
+        if step_hook is not None:
+            x = step_hook(x, level)
+        done[0] += 1
+        callback(done[0], total, x0_prediction(objective, last["x"], last["t"], last["out"]))
+        return x
+
+    return recording_fn, hook
+
+
 def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
     """The sampler names an objective allows; the first is its default."""
     if isinstance(objective, GaussianDiffusion):
@@ -95,7 +131,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
            steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, *, guided_channels: int | None = None, null_label: int | None = None,
            noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None, start_step: int = 0,
-           step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
+           step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1,
+           callback: Callback | None = None) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -113,6 +150,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     start_step, step_hook, jump_length, jump_n_sample: for editing (`ditkit.editing`): skip the noisiest
     steps (`noise` is then the state there), re-impose something after each step, RePaint's resampling
     jumps; the loop's levels are those of `sampling_schedule` (see `sampling_levels`).
+    callback(step, total, x0): called after each of the `total` steps with the current prediction of the
+    clean sample (model space); an exception it raises stops sampling.
     """
     shape = tuple(shape)
     C = shape[1] if len(shape) > 1 else 0
@@ -139,6 +178,10 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
             raise ValueError("classifier-free guidance needs a null label: the model has no num_classes, "
                              "so pass null_label=")
     model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction)
+    if callback is not None:
+        levels = sampling_levels(n, start_step, jump_length, jump_n_sample)
+        total = sum(b > a for a, b in zip(levels, levels[1:]))
+        model_fn, step_hook = _with_previews(model_fn, objective, step_hook, callback, total)
 
     common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator,
                   start_step=start_step, step_hook=step_hook, jump_length=jump_length, jump_n_sample=jump_n_sample)

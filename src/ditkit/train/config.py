@@ -1,99 +1,176 @@
-"""The training configuration: one dataclass, loadable from YAML and `key=value` overrides."""
+"""The training configuration: one dataclass per concern (data, the model of each kind, objective,
+optimisation, output, sampling), joined into `TrainConfig`; loadable from YAML/JSON and `key=value`.
+
+Every field keeps its flat name (`c.hidden_size`, `hidden_size=256`), so config files stay flat. The one
+nested section is `sample`: its fields are the keyword arguments of `ditkit.sample()` and are passed
+to it as they are (the run's sample grid, and `Pipeline.generate` when an argument is None). Its old flat
+names still work: `sampler`, `sample_steps` (-> sample.steps), `cfg_scale`, and `sample.NAME=...`.
+
+Fields made with `identity(...)` define the run: resuming refuses to change them.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ditkit.data.conditions import check_condition
 
 
+def identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """A field whose change makes a different run (`--resume` refuses to change it)."""
+    return field(default=default, default_factory=default_factory, metadata={"identity": True})
+
+
 @dataclass
-class TrainConfig:
-    # data
-    data: str = "mnist"                 # "mnist", "patterns", a directory of images, or a latent cache
-    image_size: int | None = None       # None: the data source's default (32)
-    channels: int | None = None         # None: the data source's default (mnist 1, others 3)
-    unconditional: bool = False         # ignore class labels (null label only)
-    frames: int | None = None           # video sources (moving_mnist): frames per clip; None: the source's (8)
-    data_args: dict[str, Any] = field(default_factory=dict)  # source options, e.g. {"motion": "class"}
-    # model: a zoo name ("DiT-S/2") or "custom" with the fields below; `model_args` overrides either
-    model: str = "custom"
-    hidden_size: int = 128
-    depth: int = 6
-    num_heads: int = 4
-    patch_size: int = 4
-    mlp_ratio: float = 4.0
-    block: str = "adaln_zero"
-    class_dropout_prob: float = 0.1
-    model_args: dict[str, Any] = field(default_factory=dict)
-    # video data builds a VideoDiT from the fields above and these (a window goes in model_args)
-    patch_t: int = 1                    # frames per spacetime patch
-    attention: str = "full"             # "full" | "factorized" (spatial/temporal) | "windowed"
-    # structure control: train only a ControlNet-style branch on a frozen base run (model fields above unused)
-    control: str | None = None          # None, or the condition image: "edges" | "lowres"
-    base: str | None = None             # the base run or checkpoint directory (needed with control)
-    control_blocks: int | None = None   # blocks copied into the branch; None: half the base's depth
-    # text-to-image: captioned data (e.g. "shapes") trains a text model on its encoded captions
-    text_model: str = "mmdit"           # "mmdit" (SD3 joint attention) | "pixart" (adaLN-single + cross-attention)
-    text_encoder: str = "minilm"        # "minilm" | "bytes" | a local encoder directory (see ditkit.text)
-    text_max_length: int | None = None  # tokens kept per caption; None: the encoder's default
-    # objective
-    objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
-    timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
-    # optimisation
-    steps: int = 1200
+class DataConfig:
+    data: str = identity("mnist")                # "mnist", "patterns", a directory of images, or a latent cache
+    image_size: int | None = identity(None)      # None: the data source's default (32)
+    channels: int | None = identity(None)        # None: the data source's default (mnist 1, others 3)
+    unconditional: bool = identity(False)        # ignore class labels (null label only)
+    frames: int | None = identity(None)          # video sources (moving_mnist): frames per clip; None: the source's (8)
+    data_args: dict[str, Any] = identity(default_factory=dict)  # source options, e.g. {"motion": "class"}
+
+
+@dataclass
+class ModelConfig:
+    """The image DiT: a zoo name ("DiT-S/2") or "custom" with the fields below; `model_args` overrides either.
+    Video and text models are sized by the same fields."""
+    model: str = identity("custom")
+    hidden_size: int = identity(128)
+    depth: int = identity(6)
+    num_heads: int = identity(4)
+    patch_size: int = identity(4)
+    mlp_ratio: float = identity(4.0)
+    block: str = identity("adaln_zero")
+    class_dropout_prob: float = identity(0.1)
+    model_args: dict[str, Any] = identity(default_factory=dict)
+
+
+@dataclass
+class VideoConfig:
+    """Video data builds a VideoDiT from the model fields and these (a window goes in model_args)."""
+    patch_t: int = identity(1)                   # frames per spacetime patch
+    attention: str = identity("full")            # "full" | "factorized" (spatial/temporal) | "windowed"
+
+
+@dataclass
+class ControlConfig:
+    """Structure control: only a ControlNet-style branch trains, on a frozen base run (model fields unused)."""
+    control: str | None = identity(None)         # None, or the condition image: "edges" | "lowres"
+    base: str | None = identity(None)            # the base run or checkpoint directory (needed with control)
+    control_blocks: int | None = identity(None)  # blocks copied into the branch; None: half the base's depth
+
+
+@dataclass
+class TextConfig:
+    """Text-to-image: captioned data (e.g. "shapes") trains a text model on its encoded captions."""
+    text_model: str = identity("mmdit")          # "mmdit" (SD3 joint attention) | "pixart" (adaLN-single + cross-attn)
+    text_encoder: str = identity("minilm")       # "minilm" | "bytes" | a local encoder directory (see ditkit.text)
+    text_max_length: int | None = identity(None)  # tokens kept per caption; None: the encoder's default
+
+
+@dataclass
+class ObjectiveConfig:
+    objective: str = identity("flow")            # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
+    timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1200                   # a resumed run may be extended: the cosine is stretched to the new total
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
-    batch_size: int = 64                # global batch (split across processes)
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
-    precision: str = "bf16"             # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
+    batch_size: int = identity(64)      # global batch (split across processes)
+    lr: float = identity(2e-3)
+    weight_decay: float = identity(0.0)
+    warmup_steps: int = identity(100)
+    min_lr_ratio: float = identity(0.1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = identity(1.0)
+    ema_decay: float = identity(0.995)
+    ema_warmup: bool = identity(True)   # decay min(ema_decay, (1 + step) / (10 + step))
+    precision: str = identity("bf16")   # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
     compile: bool = False
     grad_checkpoint: bool = False
-    fsdp: bool = False                  # with torchrun: FSDP2 fully_shard instead of DDP
-    seed: int = 0
-    # output
+    fsdp: bool = identity(False)        # with torchrun: FSDP2 fully_shard instead of DDP
+    seed: int = identity(0)
+
+
+@dataclass
+class OutputConfig:
     out: str = "runs/demo"
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0               # 0: only at the end
     tensorboard: bool = False
-    # the sample grid written at the end (and every sample_every steps)
+    samples_per_class: int = 8          # rows of the sample grid written at the end (and every sample_every)
+
+
+@dataclass
+class SampleConfig:
+    """How the run samples: its grid, and `Pipeline.generate` whenever an argument is None. The names are
+    `ditkit.sample()`'s keywords and every field is passed to it: a new sampling option is one field here."""
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
-    sample_steps: int | None = 20       # None: the sampler's default
+    steps: int | None = 20              # None: the sampler's default
     cfg_scale: float = 4.0
-    samples_per_class: int = 8
+    cfg_interval: tuple[float, float] | None = None  # (lo, hi) of the trajectory where guidance applies
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `ditkit.sample()`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, ControlConfig, VideoConfig, ModelConfig,
+                  DataConfig):
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample, dict):  # TrainConfig(**saved_dict)
+            self.sample = SampleConfig(**self.sample)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # fields whose change makes a run a different run (resume refuses them)
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config from saved or loaded values (run.json's train_config, old flat sampling keys included),
+        type-checked and validated."""
+        return build_config(values=values, source=source)
+
     @staticmethod
     def identity_keys() -> tuple[str, ...]:
-        return ("data", "image_size", "channels", "unconditional", "model", "hidden_size", "depth", "num_heads",
-                "patch_size", "mlp_ratio", "block", "class_dropout_prob", "model_args", "objective",
-                "timestep_sampling", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
-                "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp", "frames", "data_args",
-                "patch_t", "attention", "control", "base",
-                "control_blocks", "text_model", "text_encoder", "text_max_length")
+        """Fields whose change makes a run a different run (resume refuses them)."""
+        return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity"))
 
 
-def _field_types() -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def parse_value(key: str, text: str) -> Any:
+def sample_aliases() -> dict[str, str]:
+    """Flat config names of the sample section: its field name, or sample_NAME where NAME is taken
+    (`steps` is the training steps, so the sampling steps are `sample_steps`)."""
+    top = _fields()
+    return {(f"sample_{name}" if name in top else name): name for name in _fields(SampleConfig)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Values: `key=value` text and file values are checked against the field's declared type
+# ------------------------------------------------------------------------------------------------
+
+def _expects(kind: str) -> str:
+    base = kind.split(" | ")[0]
+    names = {"bool": "true or false", "int": "an int", "float": "a float", "str": "a string",
+             "dict": "a mapping (JSON object)", "tuple": "two numbers [lo, hi]"}
+    return next((text for name, text in names.items() if base.startswith(name)), base)
+
+
+def parse_value(key: str, text: str, kind: str | None = None) -> Any:
     """Parse a `key=value` override according to the field's declared type."""
-    fields = _field_types()
-    kind = str(fields[key].type)
+    kind = kind or _kind(key)
     if text.lower() in ("none", "null") and "None" in kind:
         return None
     if kind.startswith("bool"):
@@ -102,53 +179,159 @@ def parse_value(key: str, text: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} expects true or false, got {text!r}")
-    if kind.startswith("dict"):
-        return json.loads(text)
+    if kind.startswith(("dict", "tuple")):
+        try:
+            loaded = json.loads(text if not kind.startswith("tuple") or "[" in text else f"[{text}]")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{key} expects {_expects(kind)} as JSON, got {text!r} ({err.msg})") from None
+        return check_value(key, loaded, kind)
     for cast, name in ((int, "int"), (float, "float")):
         if kind.startswith(name):
             try:
                 return cast(text)
             except ValueError:
-                raise ValueError(f"{key} expects {'an' if name == 'int' else 'a'} {name}, got {text!r}") from None
+                raise ValueError(f"{key} expects {_expects(kind)}, got {text!r}") from None
     return text
 
 
-def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
-                 assignments: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML/JSON file <- `overrides` (already typed, e.g. from CLI flags) <- `key=value` strings."""
-    values: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+def check_value(key: str, value: Any, kind: str | None = None) -> Any:
+    """A value from a YAML/JSON file (or Python) checked against the field's type: no silent coercion,
+    so `unconditional: "false"` or `steps: "ten"` is an error naming the key."""
+    kind = kind or _kind(key)
+    base = kind.split(" | ")[0]
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str),
+          "dict": lambda v: isinstance(v, dict),
+          "tuple": lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}
+    if value is None and "None" in kind:
+        return None
+    if base.startswith("float") and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    check = next((fn for name, fn in ok.items() if base.startswith(name)), None)
+    if check is not None and not check(value):
+        got = f"the string {value!r}" if isinstance(value, str) else repr(value)
+        raise ValueError(f"{key} expects {_expects(kind)}, got {got}")
+    if base.startswith("tuple"):
+        return tuple(float(x) for x in value)
+    if base.startswith("float"):
+        return float(value)
+    return value
 
-            loaded = yaml.safe_load(path.read_text()) or {}
-        else:
-            loaded = json.loads(path.read_text())
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+def _kind(key: str) -> str:
+    if key.startswith("sample."):
+        return str(_fields(SampleConfig)[key[len("sample."):]].type)
+    return str(_fields()[key].type)
+
+
+def _place(key: str) -> tuple[str, str] | None:
+    """("top" | "sample", field name) for a config key, or None if unknown."""
+    key = key.strip().replace("-", "_")
+    if key.startswith("sample.") and key[len("sample."):] in _fields(SampleConfig):
+        return "sample", key[len("sample."):]
+    if key in sample_aliases():
+        return "sample", sample_aliases()[key]
+    if key in _fields() and key != "sample":
+        return "top", key
+    return None
+
+
+def _merge(target: dict[str, Any], section: dict[str, Any], values: dict[str, Any], source: str,
+           text: bool = False) -> None:
+    """Check `values` (file values, or `key=value` text) and put them in `target` / its sample `section`."""
+    unknown = []
+    for key, value in values.items():
+        if key == "sample" and isinstance(value, dict) and not text:
+            _merge(target, section, {f"sample.{k}": v for k, v in value.items()}, source)
+            continue
+        place = _place(key)
+        if place is None:
+            unknown.append(key)
+            continue
+        where, name = place
+        full = f"sample.{name}" if where == "sample" else name
+        try:
+            typed = parse_value(key, value, _kind(full)) if text else check_value(key, value, _kind(full))
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}" if source else str(err)) from None
+        (section if where == "sample" else target)[name] = typed
+    if unknown:
+        raise ValueError(unknown_keys_message(unknown))
+
+
+def read_config_file(config_file: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file; a syntax error is one line naming the file and line."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
+    else:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                 assignments: list[str] | None = None, values: dict[str, Any] | None = None,
+                 source: str = "") -> TrainConfig:
+    """Defaults <- `values` (e.g. a saved run's config) <- YAML/JSON file <- `overrides` (typed, e.g. CLI
+    flags; None = not given, 0 and False are values) <- `key=value` strings. Every value is type-checked."""
+    top: dict[str, Any] = {}
+    section: dict[str, Any] = {}
+    _merge(top, section, values or {}, source)
+    if config_file:
+        _merge(top, section, read_config_file(config_file), str(config_file))
+    _merge(top, section, {k: v for k, v in (overrides or {}).items() if v is not None}, "")
+    pairs = {}
     for item in assignments or []:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in _field_types():
-            raise ValueError(unknown_keys_message([key]))
-        values[key] = parse_value(key, text)
-    unknown = [k for k in values if k not in _field_types()]
-    if unknown:
-        raise ValueError(unknown_keys_message(unknown))
-    config = TrainConfig(**values)
+        pairs[key.strip().replace("-", "_")] = text
+    _merge(top, section, pairs, "", text=True)
+    config = TrainConfig(**top, sample=SampleConfig(**section))
     validate(config)
     return config
 
 
+def resume_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                  assignments: list[str] | None = None) -> TrainConfig:
+    """The config of the run to resume (its newest good checkpoint's), with the given file, flags and
+    `key=value` applied on top; the trainer then refuses any change to an identity field."""
+    from ditkit.train import checkpoint as ckpt
+
+    out = build_config(config_file, overrides, assignments).out
+    found = ckpt.latest_checkpoint(out)
+    if found is None:
+        raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
+    saved = json.loads((found / "run.json").read_text())["train_config"]
+    return build_config(config_file, {**(overrides or {}), "out": out}, assignments, values=saved,
+                        source=str(found / "run.json"))
+
+
 def unknown_keys_message(keys: list[str]) -> str:
-    return f"unknown config key(s) {', '.join(map(repr, keys))}; the keys are: {', '.join(_field_types())}"
+    names = [n for n in _fields() if n != "sample"] + list(sample_aliases())
+    return f"unknown config key(s) {', '.join(map(repr, keys))}; the keys are: {', '.join(dict.fromkeys(names))}"
 
 
 def validate(c: TrainConfig) -> None:
@@ -163,6 +346,8 @@ def validate(c: TrainConfig) -> None:
     for key in positive:
         if getattr(c, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
+    if c.sample.steps is not None and c.sample.steps < 1:
+        raise ValueError(f"sample_steps must be >= 1, got {c.sample.steps}")
     if c.minutes is not None and c.minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {c.minutes}")
     if c.lr <= 0:

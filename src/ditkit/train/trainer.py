@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ditkit.data import ImageDataset, LatentDataset, VideoDataset, load_dataset, random_hflip
-from ditkit.diffusion import FlowMatching, create_diffusion
+from ditkit.diffusion import FlowMatching, build_objective  # noqa: F401 (build_objective: earlier home)
 from ditkit.images import save_comparison, save_gif, save_loss_curve, shown_classes
 from ditkit.io import write_json_atomic, write_text_atomic
 from ditkit.data.conditions import make_condition
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
+from ditkit.pipeline import Pipeline
 from ditkit.prompts import PromptTable
 from ditkit.sampling import sample
 from ditkit.text import TextEncoder, load_text_encoder
@@ -48,6 +50,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     skipped_steps: int
+    start_step: int = 0  # the step a resumed run started from
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,16 +60,6 @@ class TrainResult:
 def build_dataset(c: TrainConfig, split: str = "train") -> ImageDataset:
     return load_dataset(c.data, image_size=c.image_size, channels=c.channels, split=split,
                         unconditional=c.unconditional, frames=c.frames, **c.data_args)
-
-
-def build_objective(objective: str, timestep_sampling: str = "logit_normal"):
-    """"flow": rectified flow (velocity prediction); "ddpm": the original DiT recipe (1000 linear-beta
-    steps, epsilon prediction, learned sigma, hybrid loss)."""
-    if objective == "flow":
-        return FlowMatching(timestep_sampling=timestep_sampling)
-    if objective == "ddpm":
-        return create_diffusion("", learn_sigma=True)
-    raise ValueError(f"unknown objective {objective!r}: expected flow or ddpm")
 
 
 def model_kwargs(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
@@ -106,9 +99,7 @@ def build_text_model(c: TrainConfig, data: ImageDataset, encoder: TextEncoder) -
 
 def build_control_model(c: TrainConfig, data: ImageDataset, base_dir: Path) -> ControlDiT:
     """The base run's (EMA) model, frozen, steered by a fresh branch of `control_blocks` copied blocks."""
-    from ditkit.pipeline import load_pipeline  # the pipeline module imports this one
-
-    pipe = load_pipeline(base_dir)
+    pipe = Pipeline.load(base_dir, device="cpu")
     base = pipe.model
     if type(base) is not DiT:
         raise ValueError(f"structure control steers a class-conditional image DiT; {base_dir} holds a "
@@ -220,12 +211,11 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
     y = torch.tensor(shown, device=device).repeat(R)
     shape = (R * K, *real.shape[1:])
     generator = torch.Generator(device=device).manual_seed(seed)
-    cfg = c.cfg_scale if data.conditional else 1.0
+    settings = {**c.sample.kwargs(), **({} if data.conditional else {"cfg_scale": 1.0})}
     if c.control:
         ema_model = ema_model.bind(make_condition(c.control, real.to(device)).repeat(R, 1, 1, 1))
     with autocast(device, c.precision):
-        images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
-                        sampler=c.sampler, generator=generator, progress=False)
+        images = sample(ema_model, objective, shape, y=y, generator=generator, progress=False, **settings)
     if isinstance(data, LatentDataset):
         real, images = data.decode(real, device).cpu(), data.decode(images, device)
     images = images.float().clamp(-1, 1).cpu()
@@ -256,6 +246,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.world_size} processes")
 
     # ---- resume checks come before anything is written
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
     start_ckpt = None
     if resume:
         start_ckpt = ckpt.latest_checkpoint(out)
@@ -266,6 +258,10 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         if changed:
             diffs = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {getattr(c, k)!r}" for k in changed)
             raise ckpt.CheckpointError(f"cannot resume {out}: it was trained with a different config ({diffs})")
+        at = int(start_ckpt.name.split("_")[-1])
+        if c.steps <= at:
+            raise ValueError(f"{out} is already at step {at} of steps={c.steps}: pass --steps N with N > {at} "
+                             f"to train it further")
     elif ckpt.list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
 
@@ -333,6 +329,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         sampler = EpochSampler(len(data), c.batch_size, c.seed, **meta["data"])
         ckpt.restore_rng(tensors, {"train": gen})
         metrics = read_metrics(out / "metrics.csv", step)
+        if dist.is_main:
+            print(f"resuming from step {step} ({start_ckpt}), training to step {c.steps}", flush=True)
 
     compiled = torch.compile(train_model) if c.compile else train_model
     model_config = {"model_type": type(saved).__name__, **saved.config}
@@ -438,9 +436,13 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     ips = (step - start_step) * c.batch_size / max(seconds, 1e-9)
     if dist.is_main:
         if metrics:
-            save_loss_curve(out / "loss_curve.png", [m["step"] for m in metrics], [m["loss"] for m in metrics],
-                            title=f"{c.model if c.model != 'custom' else 'DiT'} on {c.data} ({c.objective})")
+            try:  # a plot must never fail a finished run
+                save_loss_curve(out / "loss_curve.png", [m["step"] for m in metrics], [m["loss"] for m in metrics],
+                                title=f"{c.model if c.model != 'custom' else 'DiT'} on {c.data} ({c.objective})")
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"the loss curve was not drawn ({err}); the run and metrics.csv are complete",
+                              stacklevel=1)
         write_sample_grid(out / "samples.png", ema.model, objective, c, data, device, c.seed)
     distributed.teardown(dist)
     return TrainResult(out=out, checkpoint=last_path, steps=step, final_loss=loss_value, seconds=seconds,
-                       images_per_second=ips, skipped_steps=skipped)
+                       images_per_second=ips, skipped_steps=skipped, start_step=start_step)

@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import io
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="ditkit serve needs the app extr
 
 from ditkit.app import is_local, serve  # noqa: E402
 from ditkit.app import params  # noqa: E402
-from ditkit.app.engine import Cancelled  # noqa: E402
+from ditkit.pipeline import Cancelled  # noqa: E402
 from ditkit.app.jobs import JobBoard, QueueFull  # noqa: E402
 from ditkit.app.runs import MAX_POINTS, RunIndex, read_metrics  # noqa: E402
 from ditkit.app.server import create_app  # noqa: E402
@@ -62,6 +63,12 @@ def served(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def call(url: str, body: dict | None = None, headers: dict | None = None, raw: bytes | None = None):
@@ -317,13 +324,19 @@ def test_only_a_local_host_is_bound_without_an_explicit_flag(runs, monkeypatch, 
     assert err.count("\n") == 1 and "ditkit serve: error: --host 0.0.0.0" in err
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    serve(ckpt=run, host="0.0.0.0", port=7861, allow_remote=True)
+    free = free_port()
+    serve(ckpt=run, host="0.0.0.0", port=free, allow_remote=True)
     out, err = capsys.readouterr()
-    assert calls == [{"host": "0.0.0.0", "port": 7861, "log_level": "warning"}]
-    assert "WARNING: serving on 0.0.0.0" in err and "open http://0.0.0.0:7861/" in out
-    serve(ckpt=run)
-    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 7860
-    assert "WARNING" not in capsys.readouterr().err
+    assert calls == [{"host": "0.0.0.0", "port": free, "log_level": "warning"}]
+    assert "WARNING: serving on 0.0.0.0" in err and f"open http://0.0.0.0:{free}/" in out
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve(ckpt=run, port=free_port())
+        assert calls[-1]["host"] == "127.0.0.1" and "WARNING" not in capsys.readouterr().err
+        assert main(["serve", "--ckpt", str(run), "--port", str(port)]) == 2
+        assert f"ditkit serve: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one run or a folder of runs, not both
         main(["serve", "--ckpt", str(run), "--runs", str(runs)])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def serve(ckpt: str | Path | None = None, runs: str | Path | None = None, host: 
                              "no login: add --allow-remote to do that on purpose")
         print(f"WARNING: serving on {host}: anyone who can reach this machine can use the page, run the model "
               "and read the served runs' files; there is no login", file=sys.stderr)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # a clear line, not uvicorn's
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host.strip("[]"), port))
+        except OSError as err:
+            raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}): is another server there? "
+                          "pick another --port") from None
     import uvicorn
 
     from ditkit.app.server import create_app

@@ -8,12 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.pipeline import Pipeline
-
-try:  # the Pipeline API's way to stop a sampling run from its callback
-    from ditkit.pipeline import Cancelled
-except ImportError:  # pragma: no cover - before the Pipeline API
-    class Cancelled(Exception):  # type: ignore[no-redef]
-        """Raised from a sampling callback to stop the run."""
+from ditkit.sampling import samplers_for
 
 KEEP_LOADED = 3  # pipelines kept in memory; browsing many checkpoints must not fill it
 
@@ -23,39 +18,23 @@ class PipelineCache:
 
     def __init__(self, size: int = KEEP_LOADED, device: str | None = None):
         self.size, self.device = size, device
-        self._pipes: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        self._pipes: OrderedDict[tuple[str, bool], Pipeline] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, checkpoint: Path, ema: bool = True) -> Any:
+    def get(self, checkpoint: Path, ema: bool = True) -> Pipeline:
         key = (str(checkpoint), bool(ema))
         with self._lock:  # one load at a time: two requests for a new checkpoint load it once
             if key in self._pipes:
                 self._pipes.move_to_end(key)
                 return self._pipes[key]
-            pipe = load(checkpoint, ema, self.device)
+            pipe = Pipeline.load(checkpoint, ema=ema, device=self.device)
             self._pipes[key] = pipe
             while len(self._pipes) > self.size:
                 self._pipes.popitem(last=False)
             return pipe
 
 
-def load(checkpoint: Path, ema: bool, device: str | None) -> Any:
-    """`Pipeline.load`; before the Pipeline API (issue 13) is merged, a thin stand-in over the old one."""
-    if hasattr(Pipeline, "load"):
-        return Pipeline.load(checkpoint, ema=ema, device=device)
-    from ditkit.app.legacy import LegacyPipeline
-
-    return LegacyPipeline.load(checkpoint, ema=ema, device=device)
-
-
-def samplers(pipe: Any) -> list[str]:
-    """The samplers this run's objective allows, its default first."""
-    from ditkit.sampling import samplers_for
-
-    return list(samplers_for(pipe.objective))
-
-
-def facts(pipe: Any) -> dict[str, Any]:
+def facts(pipe: Pipeline) -> dict[str, Any]:
     """What the page's controls need: the kind of run, its classes, samplers and default settings."""
     names = list(pipe.class_names or [])
     return {
@@ -66,7 +45,8 @@ def facts(pipe: Any) -> dict[str, Any]:
         "image_size": list(pipe.image_size) if isinstance(pipe.image_size, (tuple, list)) else
         [int(pipe.image_size)] * 2,
         "channels": int(pipe.channels),
-        "samplers": samplers(pipe),
-        "defaults": {k: v for k, v in pipe.defaults.items() if isinstance(v, (int, float, str, list, tuple, type(None)))},
+        "samplers": list(samplers_for(pipe.objective)),  # the default first
+        # the run's own settings made concrete (the default sampler's name and steps)
+        "defaults": {k: v for k, v in pipe.settings().items() if isinstance(v, (int, float, str, list, tuple, type(None)))},
         "frames": pipe.info.get("frames"),
     }

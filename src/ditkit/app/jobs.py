@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from ditkit.app.engine import Cancelled
+from ditkit.pipeline import Cancelled
 
 QUEUE_SIZE = 8  # waiting requests per model; more are refused with a message
 KEEP_JOBS = 32  # finished jobs whose pictures stay fetchable

@@ -136,7 +136,10 @@ function settings() {
   };
   const lo = $("cfg-lo").value.trim(), hi = $("cfg-hi").value.trim();
   if (lo || hi) body.cfg_interval = [lo || "0", hi || "1"];
-  if (m.kind === "text") body.prompts = $("prompts").value;
+  if (m.kind === "text") {
+    body.prompts = $("prompts").value;
+    state.prompts = body.prompts.split("\n").map((p) => p.trim()).filter((p) => p);
+  }
   else if (m.conditional) body.classes = $("classes").value;
   if (m.kind === "video") body.frames = $("frames").value;
   return body;
@@ -222,14 +225,15 @@ function showResult(s) {
   const grid = el("img", { src: s.grid, class: "grid pix", alt: "all samples in a grid", id: "result-grid" });
   grid.addEventListener("load", () => fitPixels(grid));
   const samples = el("div", { class: "samples" });
-  const names = (state.model && state.model.class_names) || [];
+  // text runs: labels index the prompts sent; class runs: the class names
+  const names = (state.model && state.model.kind === "text" ? state.prompts : state.model && state.model.class_names) || [];
   s.images.forEach((url, i) => {
     const label = s.labels[i];
-    const known = state.model && state.model.conditional && label !== undefined && label < state.model.num_classes;
+    const known = state.model && state.model.conditional && label !== undefined && label < names.length;
     const caption = known ? (names[label] !== undefined ? String(names[label]) : `class ${label}`) : `#${i + 1}`;
     samples.append(el("div", { class: "sample" },
       el("img", { src: url, class: "pix result", alt: `sample ${i + 1}` }),
-      el("span", { text: caption.length > 24 ? caption.slice(0, 24) + "…" : caption }),
+      el("span", { text: caption.length > 24 ? caption.slice(0, 24) + "…" : caption, title: caption }),
       el("a", { href: url, download: `sample-${s.id}-${i + 1}.${ext}`, text: "download" })));
   });
   const link = el("div", {}, el("a", { href: s.grid, download: `samples-${s.id}.${ext}`, text: "download grid" }));

@@ -491,3 +491,45 @@ def test_samples_become_one_picture_each_and_a_grid():
     result = Result.of(SimpleNamespace(images=clips, labels=torch.tensor([1, 2]), ncol=2, settings={}))
     assert result.media == "image/gif" and len(result.images) == 2
     assert Image.open(io.BytesIO(result.images[1])).n_frames == 5 and Image.open(io.BytesIO(result.grid)).n_frames == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-to-image and video runs
+# ------------------------------------------------------------------------------------------------
+
+SMALL = ["image_size=16", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4", "warmup_steps=1",
+         "samples_per_class=1", "sample_steps=2", "precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kinds")
+    torch.set_num_threads(1)
+    train(build_config(None, {"data": "shapes", "out": str(root / "text"), "steps": 2},
+                       ["text_model=mmdit", "text_encoder=bytes", "text_max_length=40", 'data_args={"n": 64}',
+                        "batch_size=8", *SMALL]), progress=False)
+    train(build_config(None, {"data": "moving_mnist", "out": str(root / "video"), "steps": 2},
+                       ["frames=4", 'data_args={"n_clips": 200}', "batch_size=4", *SMALL]), progress=False)
+    return root
+
+
+def test_text_runs_take_prompts_and_video_runs_give_clips(other_runs):
+    with served(create_app(runs=other_runs, device="cpu")) as base:
+        text = call(f"{base}/api/model?run=text")[1]
+        assert text["kind"] == "text" and text["channels"] == 3 and len(text["class_names"]) == text["num_classes"]
+        status, data = call(f"{base}/api/generate", {"run": "text", "prompts": "", "steps": 1})
+        assert status == 400 and data == {"error": "enter a prompt: this is a text-to-image run"}
+        body = {"run": "text", "prompts": "a red circle in the centre\na blue square at the top left", "n": 2,
+                "steps": 1}
+        state = wait(base, call(f"{base}/api/generate", body)[1]["job"])
+        assert state["status"] == "done" and state["labels"] == [0, 1, 0, 1] and state["ncol"] == 2
+        assert np.asarray(Image.open(io.BytesIO(call(base + state["images"][0])[1]))).shape == (16, 16, 3)
+        video = call(f"{base}/api/model?run=video")[1]
+        assert video["kind"] == "video" and video["frames"] == 4
+        state = wait(base, call(f"{base}/api/generate", {"run": "video", "classes": "5", "n": 1, "steps": 1,
+                                                         "frames": 6})[1]["job"])
+        assert state["status"] == "done" and state["media"] == "image/gif" and state["labels"] == [5]
+        clip = Image.open(io.BytesIO(call(base + state["images"][0])[1]))
+        assert clip.format == "GIF" and clip.n_frames == 6  # the frames asked for, not the 4 trained on
+        status, data = call(f"{base}/api/edit", {"run": "video", "image": "x"})
+        assert status == 400 and data == {"error": "editing works on image runs; this is a video run"}

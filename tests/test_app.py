@@ -323,18 +323,18 @@ def test_only_a_local_host_is_bound_without_an_explicit_flag(runs, monkeypatch, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ditkit serve: error: --host 0.0.0.0" in err
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: calls.append((self.config.host, self.config.port)))
     free = free_port()
     serve(ckpt=run, host="0.0.0.0", port=free, allow_remote=True)
     out, err = capsys.readouterr()
-    assert calls == [{"host": "0.0.0.0", "port": free, "log_level": "warning"}]
+    assert calls == [("0.0.0.0", free)]
     assert "WARNING: serving on 0.0.0.0" in err and f"open http://0.0.0.0:{free}/" in out
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         serve(ckpt=run, port=free_port())
-        assert calls[-1]["host"] == "127.0.0.1" and "WARNING" not in capsys.readouterr().err
+        assert calls[-1][0] == "127.0.0.1" and "WARNING" not in capsys.readouterr().err
         assert main(["serve", "--ckpt", str(run), "--port", str(port)]) == 2
         assert f"ditkit serve: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one run or a folder of runs, not both
@@ -465,6 +465,20 @@ def test_queued_jobs_report_their_place_and_cancel(server):
     assert wait(server, first["job"])["status"] == "cancelled"
     status, data = call(f"{server}/api/jobs/{first['job']}/grid")
     assert status == 404 and "it is cancelled" in data["error"]
+
+
+def test_closing_the_app_ends_its_streams_and_stops_its_jobs(runs):
+    app = create_app(runs=runs, device="cpu")
+    with served(app) as base:
+        job = call(f"{base}/api/generate", {"run": "group/tiny", "steps": 1000, "n": 4, "classes": "all"})[1]
+        with urllib.request.urlopen(f"{base}/api/jobs/{job['job']}/events", timeout=60) as stream:
+            while b"running" not in stream.readline():  # sampling has begun
+                pass
+            app.state.app.close()  # what Ctrl+C does before the server stops
+            rest = stream.read().decode()
+        assert '"status": "cancelled"' in rest
+        assert app.state.app.board.wait_idle(timeout=30)
+        assert call(f"{base}/api/jobs/{job['job']}")[1]["step"] < 1000
 
 
 def test_events_stream_the_job_until_it_ends(server):

@@ -54,4 +54,18 @@ def serve(ckpt: str | Path | None = None, runs: str | Path | None = None, host: 
     shown = f"[{host}]" if ":" in host else host
     served = f"run {app.state.app.index.root}" if ckpt is not None else f"runs under {app.state.app.index.root}"
     print(f"ditkit serve: {served}\nopen http://{shown}:{port}/   (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    state = app.state.app
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            state.close()  # Ctrl+C: end the progress streams and stop the sampling at its next step
+            super().handle_exit(sig, frame)
+
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl+C it handled once it has stopped
+        pass
+    finally:
+        state.close()
+        state.board.wait_idle(timeout=30)  # a thread killed inside torch at exit aborts the process
+    print("ditkit serve: stopped", flush=True)

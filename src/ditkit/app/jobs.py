@@ -156,3 +156,18 @@ class JobBoard:
         job = self.get(job_id)
         self.workers[job.key].cancel(job)
         return job
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for job in list(self.jobs.values()):
+                if job.status not in TERMINAL:
+                    self.workers[job.key].cancel(job)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no worker is running a job (after cancel_all: each stops at its next step)."""
+        deadline = time.monotonic() + timeout
+        while any(w.running is not None or w.waiting for w in self.workers.values()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True

@@ -95,6 +95,12 @@ class App:
         self.index = index
         self.pipes = PipelineCache(device=device)
         self.board = JobBoard(queue_size=queue_size)
+        self.closing = False
+
+    def close(self) -> None:
+        """The server is stopping: end the event streams, cancel every job (each stops at its next step)."""
+        self.closing = True
+        self.board.cancel_all()
 
     # -------------------------------------------------------------------------------- run browser
     @api
@@ -196,7 +202,7 @@ class App:
                     yield f"data: {json.dumps(self._state(job))}\n\n"
                     if job.status in TERMINAL:
                         return
-                if await request.is_disconnected():
+                if self.closing or await request.is_disconnected():
                     return
                 await asyncio.sleep(0.1)
 

@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) -m ditkit.cli demo
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

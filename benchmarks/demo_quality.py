@@ -35,7 +35,8 @@ def main() -> None:
           f"cfg {cfg['cfg'] if args.cfg is None else args.cfg}: {sample_seconds:.0f} s for {len(y)} digits")
     print(f"{'classifier, held-out real':<28} {m['classifier_heldout_accuracy']:.1%}")
     print(f"{'classifier, generated':<28} {m['accuracy']:.1%}  ({args.n_per_class} per class)")
-    print(f"{'FD-classifier':<28} {m['fd_classifier']:.2f}  (real-vs-real baseline {m['fd_classifier_real_baseline']:.2f})")
+    print(f"{'FD-classifier':<28} {m['fd_classifier']:.2f}  "
+          f"(real-vs-real baseline {m['fd_classifier_real_baseline']:.2f})")
     print(f"{'precision / recall':<28} {m['precision']:.2f} / {m['recall']:.2f}")
 
 

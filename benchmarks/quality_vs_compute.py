@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from common import digits, draw, trained_run
 
 from ditkit.evaluate import evaluate

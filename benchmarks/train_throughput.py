@@ -80,7 +80,8 @@ def main() -> None:
     peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     print(f"device: {name}; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
 
-    cases = [("demo (MNIST, 1x32x32)", demo_model, TrainConfig().batch_size), ("DiT-S/2 (4x32x32)", lambda: create_model("DiT-S/2"), 8)]
+    cases = [("demo (MNIST, 1x32x32)", demo_model, TrainConfig().batch_size),
+             ("DiT-S/2 (4x32x32)", lambda: create_model("DiT-S/2"), 8)]
     if args.xl:
         cases.append(("DiT-XL/2 (4x32x32)", lambda: create_model("DiT-XL/2"), 32))
     modes = [("fp32", False), ("bf16", False)] + ([] if args.no_compile else [("fp32", True), ("bf16", True)])

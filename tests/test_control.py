@@ -67,7 +67,8 @@ def test_only_the_branch_trains_and_then_changes_the_output():
         control(x, t, y, cond).square().mean().backward()
         optimizer.step()
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
-    assert control.branch.zero_projs[0].weight.abs().sum() > 0 and control.branch.cond_embedder.proj.weight.abs().sum() > 0
+    branch = control.branch
+    assert branch.zero_projs[0].weight.abs().sum() > 0 and branch.cond_embedder.proj.weight.abs().sum() > 0
     with torch.no_grad():
         assert not torch.equal(control.eval()(x, t, y, cond), base(x, t, y))
 
@@ -92,7 +93,8 @@ def test_conditions():
     step = torch.full((1, 3, 8, 8), -1.0)
     step[..., 4:] = 1.0
     e = edges(step)
-    assert e.shape == (1, 1, 8, 8) and (e[..., 3:5] == 1).all() and (e[..., :2] == -1).all() and (e[..., 6:] == -1).all()
+    assert e.shape == (1, 1, 8, 8) and (e[..., 3:5] == 1).all()
+    assert (e[..., :2] == -1).all() and (e[..., 6:] == -1).all()
     x = torch.arange(64.0).reshape(1, 1, 8, 8) / 32 - 1
     low = lowres(x)
     assert low.shape == x.shape and torch.allclose(low[0, 0, :4, :4], x[0, 0, :4, :4].mean().expand(4, 4))
@@ -143,7 +145,8 @@ def test_samples_follow_the_low_resolution_condition(runs):
     base, control = load_pipeline(runs / "base"), load_pipeline(runs / "ctl")
     kw = dict(y=y, steps=10, sampler="euler", progress=False)
     plain = sample(base.model, base.objective, x.shape, generator=torch.Generator().manual_seed(0), **kw)
-    steered = sample(control.model.bind(cond), control.objective, x.shape, generator=torch.Generator().manual_seed(0), **kw)
+    steered = sample(control.model.bind(cond), control.objective, x.shape, generator=torch.Generator().manual_seed(0),
+                     **kw)
     err_plain = (lowres(plain.clamp(-1, 1)) - cond).square().mean().item()
     err_control = (lowres(steered.clamp(-1, 1)) - cond).square().mean().item()
     assert err_control < 0.02 and err_control < err_plain / 3

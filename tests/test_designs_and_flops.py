@@ -73,7 +73,8 @@ def test_params_counted_on_meta_equal_a_real_model():
 
 
 def test_flops_cli_json():
-    out = subprocess.run([sys.executable, "-m", "ditkit.cli", "flops", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "ditkit.cli", "flops", "--json"], capture_output=True, text=True,
+                         check=True)
     table = json.loads(out.stdout)
     assert set(table) == set(list_models())
     assert all(set(v) == {"params", "gflops"} and isinstance(v["params"], int) for v in table.values())

@@ -14,7 +14,8 @@ def tiny(**kw) -> DiT:
 
 def inputs(model: DiT, n: int = 3):
     H, W = model.input_size
-    return torch.randn(n, model.in_channels, H, W), torch.randint(0, 1000, (n,)), torch.randint(0, model.num_classes, (n,))
+    return (torch.randn(n, model.in_channels, H, W), torch.randint(0, 1000, (n,)),
+            torch.randint(0, model.num_classes, (n,)))
 
 
 def test_initialisation_is_the_papers():
@@ -111,21 +112,29 @@ def test_mismatched_checkpoint_names_the_keys():
     sd = model.state_dict()
     sd.pop("blocks.1.mlp.fc2.bias")
     sd["blocks.9.extra"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks.1.mlp.fc2.bias.*unexpected keys \(1\): blocks.9.extra"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys \(1\): blocks.1.mlp.fc2.bias.*unexpected keys \(1\): blocks.9.extra"):
         model.load_state_dict(sd)
     other = tiny(num_classes=20).state_dict()
-    with pytest.raises(ValueError, match="y_embedder.embedding_table.weight: checkpoint \\(21, 64\\) vs model \\(11, 64\\)"):
+    with pytest.raises(ValueError,
+                       match="y_embedder.embedding_table.weight: checkpoint \\(21, 64\\) vs model \\(11, 64\\)"):
         model.load_state_dict(other)
 
 
+LONG = torch.long
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda m: (torch.randn(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long)), r"x must be \(N, 4, H, W\)"),
-    (lambda m: (torch.randn(2, 4, 16, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long)), r"built for input_size \(8, 8\)"),
-    (lambda m: (torch.randn(2, 4, 9, 9), torch.zeros(2), torch.zeros(2, dtype=torch.long)), "not divisible by patch size 2"),
-    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 11])), r"labels must be in 0..10; 10 is the null label"),
+    (lambda m: (torch.randn(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=LONG)), r"x must be \(N, 4, H, W\)"),
+    (lambda m: (torch.randn(2, 4, 16, 16), torch.zeros(2), torch.zeros(2, dtype=LONG)),
+     r"built for input_size \(8, 8\)"),
+    (lambda m: (torch.randn(2, 4, 9, 9), torch.zeros(2), torch.zeros(2, dtype=LONG)), "not divisible by patch size 2"),
+    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 11])),
+     r"labels must be in 0..10; 10 is the null label"),
     (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([-1, 0])), r"labels must be in 0..10"),
-    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)), r"t must be a 1-D tensor of 2"),
-    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(3), torch.zeros(2, dtype=torch.long)), r"t must be a 1-D tensor of 2"),
+    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2, 1), torch.zeros(2, dtype=LONG)),
+     r"t must be a 1-D tensor of 2"),
+    (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(3), torch.zeros(2, dtype=LONG)), r"t must be a 1-D tensor of 2"),
     (lambda m: (torch.randn(2, 4, 8, 8), torch.zeros(2), torch.zeros(2)), "integer class labels"),
 ])
 def test_bad_input_raises_value_error(make, match):

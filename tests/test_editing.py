@@ -80,7 +80,8 @@ def test_sdedit_samples_the_posterior_of_the_noised_image(sampler, steps, start,
 
     def run(z, zs):
         image = as_images(x.expand(len(z), -1))
-        return sample(model, obj, z.shape, steps=steps, sampler=sampler, noise=noised_to_level(schedule, n, image, start, z),
+        return sample(model, obj, z.shape, steps=steps, sampler=sampler,
+                      noise=noised_to_level(schedule, n, image, start, z),
                       start_step=start, step_noises=zs, progress=False)
 
     mean, cov = exact_moments(run, GAUSSIAN.dim, noisy)

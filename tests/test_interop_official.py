@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ditkit.cli import main
-from ditkit.interop.official import convert_official, infer_config
+from ditkit.interop.official import convert_official, infer_config, load_official
 from ditkit.models import DiT, create_model
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10,
@@ -40,7 +40,7 @@ def test_released_state_dict_loads_with_inferred_config(tmp_path):
     model = random_dit()
     path = tmp_path / "DiT-tiny.pt"
     torch.save(model.state_dict(), path)
-    loaded = DiT.from_official(path, num_heads=4)
+    loaded = load_official(path, num_heads=4)
     assert {k: loaded.config[k] for k in SMALL} == SMALL
     assert loaded.config["class_dropout_prob"] > 0  # the null row is there
     assert_same_outputs(model, loaded)
@@ -52,8 +52,8 @@ def test_training_checkpoint_with_namespace_args_takes_ema_by_default(tmp_path):
     args = argparse.Namespace(model="DiT-custom", image_size=16, num_classes=10, global_seed=0, vae="ema")
     path = tmp_path / "0001000.pt"
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}, path)
-    assert_same_outputs(ema, DiT.from_official(path, num_heads=4))
-    assert_same_outputs(model, DiT.from_official(path, num_heads=4, ema=False))
+    assert_same_outputs(ema, load_official(path, num_heads=4))
+    assert_same_outputs(model, load_official(path, num_heads=4, ema=False))
 
 
 def test_heads_come_from_the_zoo_or_must_be_given():
@@ -80,7 +80,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"pos_embed": torch.zeros(1), "payload": Evil()}, path)
     with pytest.raises(ValueError, match="refusing to load"):
-        DiT.from_official(path)
+        load_official(path)
     assert not marker.exists()
     assert main(["convert", "--from-official", str(path), "--out", str(tmp_path / "out")]) == 2
     assert not marker.exists()
@@ -90,13 +90,13 @@ def test_not_a_checkpoint_and_missing_file_are_clear_errors(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        DiT.from_official(junk)
+        load_official(junk)
     with pytest.raises(FileNotFoundError, match="DiT-XL-2-256x256.pt"):
-        DiT.from_official(tmp_path / "missing.pt")
+        load_official(tmp_path / "missing.pt")
     wrong = tmp_path / "wrong.pt"
     torch.save({"weight": torch.zeros(2)}, wrong)
     with pytest.raises(ValueError, match="x_embedder.proj.weight"):
-        DiT.from_official(wrong)
+        load_official(wrong)
 
 
 def test_convert_cli_writes_a_directory_that_from_pretrained_and_sample_paper_read(tmp_path, monkeypatch):
@@ -111,10 +111,10 @@ def test_convert_cli_writes_a_directory_that_from_pretrained_and_sample_paper_re
     with pytest.raises(ValueError, match="not empty"):
         convert_official(src, out, num_heads=4)
     # --paper: 250 DDPM steps with CFG 4 on 3 channels; 4-channel latents are written to .npz
-    import ditkit.sampling
+    import ditkit.pipeline
 
-    calls, real_sample = [], ditkit.sampling.sample
-    monkeypatch.setattr(ditkit.sampling, "sample", lambda *a, **kw: calls.append(kw) or real_sample(*a, **kw))
+    calls, real_sample = [], ditkit.pipeline.sample
+    monkeypatch.setattr(ditkit.pipeline, "sample", lambda *a, **kw: calls.append(kw) or real_sample(*a, **kw))
     npz = tmp_path / "s.npz"
     assert main(["sample", "--ckpt", str(out), "--paper", "--class", "1", "--n-per-class", "1",
                  "--out", str(npz)]) == 0

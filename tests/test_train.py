@@ -1,6 +1,5 @@
 """Training: exact resume after SIGKILL, 2-process DDP equivalence, outputs, bad input."""
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -127,7 +126,8 @@ def test_outputs_of_a_run(tmp_path):
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [
         "1/00000.png", "1/00002.png", "3/00001.png", "3/00003.png"]
     for args, match in [(["--out", str(tmp_path / "x.jpg")], "must end in .png"),
-                        (["--class", "7", "--out", str(png)], r"--class \[7\] out of range: this model has classes 0..3"),
+                        (["--class", "7", "--out", str(png)],
+                         r"--class \[7\] out of range: this model has classes 0..3"),
                         (["--ckpt", str(tmp_path / "missing"), "--out", str(png)], "no usable checkpoint")]:
         ckpt_args = [] if "--ckpt" in args else ["--ckpt", str(run)]
         proc = ditkit("sample", *ckpt_args, *args, check=False)

@@ -16,7 +16,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    print(f"{'model':<10} {'params (M)':>11} {'GFLOPs':>9}   (forward MACs, {args.in_channels}x{args.input_size}x{args.input_size} input)")
+    size = f"{args.in_channels}x{args.input_size}x{args.input_size}"
+    print(f"{'model':<10} {'params (M)':>11} {'GFLOPs':>9}   (forward MACs, {size} input)")
     for name, row in table.items():
         print(f"{name:<10} {row['params'] / 1e6:>11.1f} {row['gflops']:>9.2f}")
     return 0
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="sample-quality metrics of an .npz of samples (FD, precision/recall, FID, IS)")
     p.add_argument("--samples", required=True, help="FILE.npz with images (N, C, H, W) in [-1, 1] and optional "
-                   "labels, or a folder of images (DIR/<label>/*.png as `ditkit sample --out DIR/` writes, or DIR/*.png)")
+                   "labels, or a folder of images (DIR/<label>/*.png as `ditkit sample --out DIR/` writes, or "
+                   "DIR/*.png)")
     p.add_argument("--reference", default="mnist", help="mnist (default) | a directory of images | FILE.npz")
     p.add_argument("--inception-weights", help="pytorch-fid pt_inception state dict: adds Inception FID and IS")
     p.add_argument("--json", action="store_true", help="print one JSON object of every metric")

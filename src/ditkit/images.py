@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,8 @@ def save_mp4(path: str | os.PathLike, clips: Tensor, nrow: int, scale: int = 1, 
     try:
         import imageio_ffmpeg
     except ImportError:
-        raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing") from None
+        raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                         "a .gif needs nothing") from None
     frames = clip_frames(clips, nrow, scale)
     # H.264 wants sides divisible by 16 (or ffmpeg rescales): pad with the grid's white
     h, w = frames[0].shape[:2]

@@ -150,7 +150,7 @@ class Pipeline:
         overrides = {ARGUMENT_NAMES.get(k, k): v for k, v in overrides.items() if v is not None}
         s = {**self.defaults, **overrides}
         unknown = [k for k in s if ARGUMENT_NAMES_INV.get(k, k) not in SAMPLE_OPTIONS]
-        if unknown:
+        if unknown and not ANY_OPTION:
             raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}: ditkit.sample() takes "
                              f"{', '.join(sorted(SAMPLE_OPTIONS))}")
         s["sampler"], _, s["steps"] = sampling_schedule(self.objective, s["sampler"], s["steps"])
@@ -173,11 +173,12 @@ class Pipeline:
                  sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
                  cfg_interval: tuple[float, float] | None = None, seed: int = 0, frames: int | None = None,
                  progress: bool = True, callback: Preview | None = None, half: bool = False,
-                 **options: Any) -> Samples:
+                 condition: Tensor | None = None, **options: Any) -> Samples:
         """`n_per_class` samples of each class (default: all) or prompt (text runs; default: up to 10 of the
         training captions), one seeded generator; None settings are the run's. `half`: float16 autocast
-        (CUDA). `options`: further `ditkit.sample()` keywords (e.g. guided_channels)."""
-        if self.kind == "control":
+        (CUDA). `condition` (control runs): one image per column (K, C, H, W) in [-1, 1] whose structure
+        the samples follow. `options`: further `ditkit.sample()` keywords (e.g. guided_channels)."""
+        if self.kind == "control" and condition is None:
             raise ValueError("this is a control run: it samples from a condition image, use edit(image) "
                              "(ditkit edit --ckpt RUN --image IMAGE --out OUT.png)")
         if n_per_class < 1:
@@ -185,6 +186,11 @@ class Pipeline:
         if half and self.device.type != "cuda":
             raise ValueError("half precision samples in float16 on a CUDA GPU, and none is available")
         model, columns = self._columns(classes, prompts)
+        if condition is not None:
+            if self.kind != "control" or len(condition) != len(columns):
+                raise ValueError(f"condition images are for control runs, one per class ({len(columns)})")
+            cond = make_condition(self.model.condition, condition.to(self.device))
+            model = self.model.bind(cond.repeat(n_per_class, *([1] * (cond.ndim - 1))))
         if frames is not None and (self.kind != "video" or frames < 1):
             raise ValueError(f"frames applies to video runs only (this is an {self.kind} run)"
                              if self.kind != "video" else f"frames must be >= 1, got {frames}")
@@ -274,7 +280,8 @@ class Pipeline:
         C = self.channels
         if image.shape[1] != C and {image.shape[1], C} == {1, 3}:
             image = image.repeat(1, 3, 1, 1) if C == 3 else image.mean(dim=1, keepdim=True)
-            notes.append(f"converted the image to {'colour' if C == 3 else 'grey'} ({C} channel(s)), as the model takes")
+            notes.append(f"converted the image to {'colour' if C == 3 else 'grey'} ({C} channel(s)), "
+                         f"as the model takes")
         elif image.shape[1] != C:
             raise ValueError(f"the image has {image.shape[1]} channel(s) but the model takes {C}")
         H, W = self.image_size
@@ -377,6 +384,7 @@ ARGUMENT_NAMES_INV = {v: k for k, v in ARGUMENT_NAMES.items()}
 SAMPLE_OPTIONS = frozenset(inspect.signature(sample).parameters) - {
     "model", "objective", "shape", "y", "generator", "progress", "callback", "noise", "step_noises", "start_step",
     "step_hook"}
+ANY_OPTION = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(sample).parameters.values())  # sample(**kw)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def _import_text_backend(what: str):
         import sentence_transformers
         import transformers
     except ImportError as err:
-        raise ImportError(f"the {what} text encoder needs sentence-transformers and transformers: {TEXT_EXTRA}") from err
+        raise ImportError(f"the {what} text encoder needs sentence-transformers and transformers: "
+                          f"{TEXT_EXTRA}") from err
     return sentence_transformers, transformers
 
 

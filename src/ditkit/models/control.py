@@ -94,7 +94,8 @@ class ControlDiT(nn.Module):
         base.check_inputs(x, t, y)
         want = (x.shape[0], branch.condition_channels, *x.shape[-2:])
         if tuple(condition.shape) != want:
-            raise ValueError(f"condition must be {want} ({branch.condition} of the image), got {tuple(condition.shape)}")
+            raise ValueError(f"condition must be {want} ({branch.condition} of the image), "
+                             f"got {tuple(condition.shape)}")
         h = base.x_embedder(x) + base.pos_embed  # (N, T, D)
         t_emb = base.t_embedder(t)  # (N, D)
         y_emb = base.y_embedder(y, self.training, force_drop_ids)  # (N, D); label dropout trains CFG
@@ -132,7 +133,8 @@ class BoundControl(nn.Module):
         if condition.ndim != 4:
             raise ValueError(f"condition must be (N, C, H, W), got shape {tuple(condition.shape)}")
         self.control, self.condition = control, condition
-        self.num_classes, self.in_channels, self.input_size = control.num_classes, control.in_channels, control.input_size
+        self.num_classes, self.in_channels = control.num_classes, control.in_channels
+        self.input_size = control.input_size
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         n = self.condition.shape[0]

@@ -258,14 +258,6 @@ class DiT(PretrainedMixin, nn.Module):
         x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
         return self.unpatchify(x)
 
-    @classmethod
-    def from_official(cls, path: str, num_heads: int | None = None, ema: bool = True) -> DiT:
-        """Load an original DiT checkpoint file (released `DiT-XL-2-256x256.pt`, or a training checkpoint,
-        its "ema" weights by default); see `ditkit.interop.official`."""
-        from ditkit.interop.official import load_official
-
-        return load_official(path, num_heads=num_heads, ema=ema)
-
     def forward_with_cfg(
         self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = None
     ) -> Tensor:

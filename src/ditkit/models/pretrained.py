@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,9 +27,11 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        more = " ..." if len(missing) > 20 else ""
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{more}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        more = " ..." if len(unexpected) > 20 else ""
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{more}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
     if problems:
@@ -66,7 +69,8 @@ class PretrainedMixin:
         config_path, weights_path = directory / "config.json", directory / weights_name
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained or a ditkit run")
+                raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained "
+                                        f"or a ditkit run")
         config = json.loads(config_path.read_text())
         model_type = config.pop("model_type", cls.__name__)
         if model_type != cls.__name__:

@@ -202,7 +202,8 @@ class VideoDiT(PretrainedMixin, nn.Module):
                                  f"attention window {box}: choose frames and sizes that are, or another window")
         N = x.shape[0]
         if t.shape != (N,) or y.shape != (N,):
-            raise ValueError(f"t and y must be 1-D with one entry per clip ({N}), got {tuple(t.shape)} and {tuple(y.shape)}")
+            raise ValueError(f"t and y must be 1-D with one entry per clip ({N}), "
+                             f"got {tuple(t.shape)} and {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
         top = self.num_classes if self.y_embedder.dropout_prob > 0 else self.num_classes - 1

@@ -210,7 +210,8 @@ def test_uploads_are_validated_resized_and_limited():
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # left half: regenerate
     args = params.edit_args({"image": data_url(rgb), "mask": data_url(mask)}, FACTS)
-    assert args["mask"].shape == (1, 1, 16, 16) and args["mask"][..., :8].eq(1).all() and args["mask"][..., 8:].eq(0).all()
+    assert args["mask"].shape == (1, 1, 16, 16)
+    assert args["mask"][..., :8].eq(1).all() and args["mask"][..., 8:].eq(0).all()
     png = data_url(rgb).split(",", 1)[1]
     truncated = "data:image/png;base64," + png[: len(png) // 2 // 4 * 4]
     cases = [
@@ -398,7 +399,8 @@ def test_generate_over_http_gives_previews_then_images_at_the_models_size(server
     again = wait(server, call(f"{server}/api/generate", body)[1]["job"])
     assert call(server + again["images"][0])[1] == call(server + state["images"][0])[1]
     # the raw weights of the older checkpoint also sample
-    older = wait(server, call(f"{server}/api/generate", {**body, "checkpoint": "step_00000003", "ema": False})[1]["job"])
+    older = {**body, "checkpoint": "step_00000003", "ema": False}
+    older = wait(server, call(f"{server}/api/generate", older)[1]["job"])
     assert older["status"] == "done"
 
 
@@ -475,10 +477,10 @@ def test_closing_the_app_ends_its_streams_and_stops_its_jobs(runs):
             while b"running" not in stream.readline():  # sampling has begun
                 pass
             app.state.app.close()  # what Ctrl+C does before the server stops
-            rest = stream.read().decode()
-        assert '"status": "cancelled"' in rest
+            stream.read()  # the stream ends, though the job was running
         assert app.state.app.board.wait_idle(timeout=30)
-        assert call(f"{base}/api/jobs/{job['job']}")[1]["step"] < 1000
+        state = call(f"{base}/api/jobs/{job['job']}")[1]
+        assert state["status"] == "cancelled" and state["step"] < 1000
 
 
 def test_events_stream_the_job_until_it_ends(server):

@@ -47,6 +47,7 @@ def facts(pipe: Pipeline) -> dict[str, Any]:
         "channels": int(pipe.channels),
         "samplers": list(samplers_for(pipe.objective)),  # the default first
         # the run's own settings made concrete (the default sampler's name and steps)
-        "defaults": {k: v for k, v in pipe.settings().items() if isinstance(v, (int, float, str, list, tuple, type(None)))},
+        "defaults": {k: v for k, v in pipe.settings().items()
+                     if isinstance(v, (int, float, str, list, tuple, type(None)))},
         "frames": pipe.info.get("frames"),
     }

@@ -24,7 +24,8 @@ from PIL import Image
 from ditkit.train import build_config, train
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]  # containers give /dev/shm little room
 TINY = ["image_size=16", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4", "batch_size=16",
         "warmup_steps=1", "samples_per_class=1", "sample_steps=2", "precision=fp32", "log_every=2"]
 

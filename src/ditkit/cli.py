@@ -157,6 +157,13 @@ def cmd_extract_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ditkit.app import serve
+
+    serve(ckpt=args.ckpt, runs=args.runs, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    return 0
+
+
 DEMO_MINUTES = 4.5
 
 
@@ -299,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="pytorch-fid pt_inception state dict: adds Inception FID and IS")
     p.add_argument("--json", action="store_true", help="print one JSON object of every metric")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="a local web page: sample and edit with runs, browse their loss curves, "
+                       "grids and checkpoints (needs ditkit[app])")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ckpt", help="one run directory (or checkpoint directory)")
+    where.add_argument("--runs", help="a directory: every run under it")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host reachable from other machines "
+                   "(no login: anyone who reaches it can use it)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job: train on MNIST-5k, then sample")
     p.add_argument("--out", default="runs/demo")

@@ -19,7 +19,7 @@ import torch
 
 from ditkit.data import load_dataset
 from ditkit.data.conditions import lowres
-from ditkit.editing import edit
+from ditkit.sampling.editing import edit
 from ditkit.pipeline import load_pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ditkit.diffusion import FlowMatching, create_diffusion
 from ditkit.diffusion.gaussian import sampling_levels
-from ditkit.editing import edit, noised_to_level, read_image, read_mask
+from ditkit.sampling.editing import edit, noised_to_level, read_image, read_mask
 from ditkit.models import DiT
 from ditkit.sampling import sample, sampling_schedule
 from test_gaussian_diffusion import one_thread  # noqa: F401  (the fixture, used through pytestmark)

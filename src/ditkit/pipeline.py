@@ -27,12 +27,12 @@ from torch import Tensor
 from ditkit.data.conditions import make_condition
 from ditkit.data.latents import load_latent_space
 from ditkit.diffusion import GaussianDiffusion, build_objective
-from ditkit.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
+from ditkit.sampling.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
 from ditkit.io import atomic_path, check_writable
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
-from ditkit.prompts import PromptTable
+from ditkit.text.prompts import PromptTable
 from ditkit.sampling import sample, sampling_schedule
 from ditkit.train import checkpoint as ckpt
 

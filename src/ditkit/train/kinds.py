@@ -24,7 +24,7 @@ from ditkit.images import save_comparison, save_gif, shown_classes
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.pipeline import Pipeline
-from ditkit.prompts import PromptTable
+from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit.train import checkpoint as ckpt
 from ditkit.train.config import TrainConfig

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ditkit.data import load_folder
 from ditkit.data.folder import load_image
-from ditkit.editing import read_image
+from ditkit.sampling.editing import read_image
 
 SIZE = 8
 # a horizontal ramp, dark to white, and its 8-bit copy: 8-bit level k is 16-bit level 257 k

@@ -147,7 +147,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     null_label: the unconditional label when the model has no `num_classes` attribute.
     noise, step_noises: the start and the per-step noises (one per step, stochastic samplers), to replay
     a run; otherwise everything is drawn from `generator`.
-    start_step, step_hook, jump_length, jump_n_sample: for editing (`ditkit.editing`): skip the noisiest
+    start_step, step_hook, jump_length, jump_n_sample: for editing (`ditkit.sampling.editing`): skip the noisiest
     steps (`noise` is then the state there), re-impose something after each step, RePaint's resampling
     jumps; the loop's levels are those of `sampling_schedule` (see `sampling_levels`).
     callback(step, total, x0): called after each of the `total` steps with the current prediction of the

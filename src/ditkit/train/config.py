@@ -43,6 +43,11 @@ class TrainConfig:
     # objective
     objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
     timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
+    # issue 15: objective "meanflow" (one-step generation, ditkit.diffusion.meanflow); base= fine-tunes a flow run
+    meanflow_unequal: float = 0.25      # share of training pairs with r < t (the rest r = t)
+    meanflow_cfg: float = 1.0           # guidance folded into the target (sample the run with cfg_scale 1)
+    meanflow_cfg_mix: float = 0.0       # the paper's kappa: part of the conditional prediction in the target
+    meanflow_adaptive_p: float = 1.0    # adaptive loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain squared error
     # optimisation
     steps: int = 1200
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
@@ -80,7 +85,8 @@ class TrainConfig:
     def identity_keys() -> tuple[str, ...]:
         return ("data", "image_size", "channels", "unconditional", "model", "hidden_size", "depth", "num_heads",
                 "patch_size", "mlp_ratio", "block", "class_dropout_prob", "model_args", "objective",
-                "timestep_sampling", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
+                "timestep_sampling", "meanflow_unequal", "meanflow_cfg", "meanflow_cfg_mix",
+                "meanflow_adaptive_p", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
                 "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp", "frames", "data_args",
                 "patch_t", "attention", "control", "base",
                 "control_blocks", "text_model", "text_encoder", "text_max_length")
@@ -153,7 +159,7 @@ def unknown_keys_message(keys: list[str]) -> str:
 
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
-    choices = {"objective": ("flow", "ddpm"), "precision": ("fp32", "bf16", "fp16"),
+    choices = {"objective": ("flow", "ddpm", "meanflow"), "precision": ("fp32", "bf16", "fp16"),
                "timestep_sampling": ("uniform", "logit_normal"),
                "attention": ("full", "factorized", "windowed")}
     for key, allowed in choices.items():
@@ -171,7 +177,9 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.text_model not in ("mmdit", "pixart"):
         raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
-    if (c.control is None) != (c.base is None):
+    if c.control is None and c.base is not None and c.objective != "meanflow":  # issue 15: base= starts meanflow
+        raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
+    if c.control is not None and c.base is None:
         raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
     if c.control is not None:
         check_condition(c.control)

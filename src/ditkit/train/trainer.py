@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ditkit.data import ImageDataset, LatentDataset, VideoDataset, load_dataset, random_hflip
 from ditkit.diffusion import FlowMatching, create_diffusion
+from ditkit.diffusion.meanflow import MeanFlow
 from ditkit.images import save_comparison, save_gif, save_loss_curve, shown_classes
 from ditkit.io import write_json_atomic, write_text_atomic
 from ditkit.data.conditions import make_condition
@@ -35,6 +36,7 @@ from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
 from ditkit.train.config import TrainConfig
 from ditkit.train.ema import EMA
+from ditkit.train.meanflow import load_base_weights, meanflow_objective  # issue 15
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,12 +68,15 @@ def build_objective(objective: str, timestep_sampling: str = "logit_normal"):
         return FlowMatching(timestep_sampling=timestep_sampling)
     if objective == "ddpm":
         return create_diffusion("", learn_sigma=True)
-    raise ValueError(f"unknown objective {objective!r}: expected flow or ddpm")
+    if objective == "meanflow":  # issue 15; training builds it from the config (meanflow_objective)
+        return MeanFlow(timestep_sampling=timestep_sampling)
+    raise ValueError(f"unknown objective {objective!r}: expected flow, ddpm or meanflow")
 
 
 def model_kwargs(c: TrainConfig, data: ImageDataset) -> dict[str, Any]:
     return dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes,
-                learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob, **c.model_args)
+                learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob,
+                **({"interval_embed": True} if c.objective == "meanflow" else {}), **c.model_args)  # issue 15
 
 
 def build_model(c: TrainConfig, data: ImageDataset) -> DiT | VideoDiT:
@@ -275,13 +280,15 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     if data.captions is not None:  # text-to-image: distinct captions become labels, each encoded once
         data = data.captions_as_labels()
         encoder = load_text_encoder(c.text_encoder, c.text_max_length)
-    objective = build_objective(c.objective, c.timestep_sampling)
+    objective = meanflow_objective(c) if c.objective == "meanflow" else build_objective(c.objective, c.timestep_sampling)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     base_dir = ckpt.resolve_checkpoint(c.base) if c.control else None
     if base_dir:
         model = build_control_model(c, data, base_dir)
     else:
         model = build_text_model(c, data, encoder) if encoder else build_model(c, data)
+    if c.base and not c.control and start_ckpt is None:  # issue 15: meanflow fine-tuned from a flow run
+        load_base_weights(model, ckpt.resolve_checkpoint(c.base))
     model = model.to(device)
     model.grad_checkpointing = c.grad_checkpoint
     ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -89,6 +90,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     K, C = model.num_classes, pipe.model.in_channels
     conditional = pipe.info.get("conditional", K > 1)
     sampler, steps, cfg, guided = args.sampler, args.steps, args.cfg, None
+    if cfg is None:  # issue 15: a MeanFlow run has its guidance folded in; other runs default to 1.5
+        cfg = 1.0 if pipe.info.get("objective") == "meanflow" else 1.5
     if args.paper:  # the original sample.py: 250 DDPM steps, CFG 4 on 3 channels, its 8 ImageNet classes
         if not isinstance(pipe.objective, GaussianDiffusion):
             raise ValueError("--paper reproduces the original's DDPM sampling: this run was trained with flow matching")
@@ -110,9 +113,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     y = torch.tensor(classes, device=device).repeat(n_per_class)
     H, W = model.input_size
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
+    # issue 15: sampling options; warnings (e.g. too few steps) as one line each
+    fast = dict(cache=args.cache, precision=args.precision, compile=args.compile)
+    with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext(), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
-                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided)
+                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided, **fast)
+    for w in caught:
+        print(f"ditkit sample: warning: {w.message}", file=sys.stderr)
     images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()
     if folder:
         save_image_folder(args.out, images, y.cpu() if conditional else None)
@@ -284,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="mnist | patterns | a directory of images (one subfolder per class, or none) | "
                    "a latent cache from extract-latents")
     p.add_argument("--model", help="zoo name such as DiT-S/2, or custom (hidden_size=..., depth=...)")
-    p.add_argument("--objective", choices=["flow", "ddpm"])
+    p.add_argument("--objective", choices=["flow", "ddpm", "meanflow"])
     p.add_argument("--steps", type=int)
     p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes, whichever first")
     p.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
@@ -312,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-class", type=int, help="samples per class (default 8; 1 with --paper)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
     p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default 1.5, or 1 for a "
+                   "meanflow run, whose guidance is trained in)")
+    p.add_argument("--cache", type=float, metavar="THRESHOLD", help="reuse the DiT blocks' output while the "
+                   "modulated input changed less than this (0..1; ~0.1 halves the demo's block evaluations)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast the model (guidance stays fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "

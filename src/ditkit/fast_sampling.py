@@ -79,6 +79,8 @@ def prepare_model(model: Callable[..., Tensor], device: torch.device, precision:
     if compile and cache is not None:
         raise ValueError("compile=True and cache= cannot be combined (the cache decides per call which blocks "
                          "run, which a compiled graph cannot); choose one")
+    if isinstance(model, BlockCache):  # a cache the caller holds (to read its counters): a new trajectory
+        model.reset()
     if cache is not None:
         model = BlockCache(model, cache)
     if compile:

@@ -59,6 +59,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ditkit.diffusion import GaussianDiffusion
     from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
     from ditkit.pipeline import load_pipeline
+    from ditkit.fast_sampling import sampling_options
     from ditkit.sampling import sample
 
     folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
@@ -114,7 +115,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     H, W = model.input_size
     generator = torch.Generator(device=device).manual_seed(args.seed)
     # issue 15: sampling options; warnings (e.g. too few steps) as one line each
-    fast = dict(cache=args.cache, precision=args.precision, compile=args.compile)
+    run = pipe.info.get("train_config", {})
+    fast = sampling_options(run, cache=args.cache, precision=args.precision, compile=args.compile)
     with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext(), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

@@ -94,6 +94,18 @@ def prepare_model(model: Callable[..., Tensor], device: torch.device, precision:
     return model
 
 
+def sampling_options(train_config: dict, cache: float | None = None, precision: str | None = None,
+                     compile: bool = False) -> dict:
+    """`sample()`'s cache, precision and compile for a run: the given values, else the run's recorded
+    sample_cache / sample_precision / sample_compile, else bf16 for a run trained in bf16 (its CPU inference
+    is then autocast too; see benchmarks/few_step.py), fp32 otherwise."""
+    cache = train_config.get("sample_cache") if cache is None else cache
+    precision = precision or train_config.get("sample_precision")
+    if precision is None:
+        precision = "bf16" if train_config.get("precision") == "bf16" else "fp32"
+    return dict(cache=cache, precision=precision, compile=compile or bool(train_config.get("sample_compile")))
+
+
 def warn_few_steps(objective: object, sampler: str, steps: int) -> None:
     """Warn when a model that learned an instantaneous velocity (or noise) is asked for fewer than
     FEW_STEPS steps: the result is a blurred average, not samples. One-step models (MeanFlow) are exempt."""

@@ -76,6 +76,10 @@ class TrainConfig:
     sample_steps: int | None = 20       # None: the sampler's default
     cfg_scale: float = 4.0
     samples_per_class: int = 8
+    # issue 15: how the run is sampled afterwards (ditkit.sample's cache=, precision=, compile=)
+    sample_cache: float | None = None     # block-cache threshold (0..1); None: no cache
+    sample_precision: str | None = None   # "fp32" | "bf16"; None: bf16 if the run trained in bf16, else fp32
+    sample_compile: bool = False          # torch.compile the model for sampling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -254,7 +254,7 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
 
     flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2}
     train(TrainConfig(**flow, steps=2, out=str(tmp_path / "flow")), progress=False)
-    run = train(TrainConfig(**TINY, steps=1, lr=1e-12, warmup_steps=1, base=str(tmp_path / "flow"),
+    run = train(TrainConfig(**{**TINY, "warmup_steps": 1}, steps=1, lr=1e-12, base=str(tmp_path / "flow"),
                             out=str(tmp_path / "mf")), progress=False)
     from safetensors.torch import load_file
 

@@ -280,7 +280,9 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     if data.captions is not None:  # text-to-image: distinct captions become labels, each encoded once
         data = data.captions_as_labels()
         encoder = load_text_encoder(c.text_encoder, c.text_max_length)
-    objective = meanflow_objective(c) if c.objective == "meanflow" else build_objective(c.objective, c.timestep_sampling)
+    objective = build_objective(c.objective, c.timestep_sampling)
+    if c.objective == "meanflow":  # issue 15: with the config's meanflow_* settings
+        objective = meanflow_objective(c)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     base_dir = ckpt.resolve_checkpoint(c.base) if c.control else None
     if base_dir:

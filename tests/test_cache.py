@@ -92,3 +92,14 @@ def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(ValueError, match="compile=True needs a C\\+\\+ compiler"):
         draw(tiny_dit(), compile=True)
+
+
+def test_run_options_resolve_to_sample_keywords():
+    from ditkit.fast_sampling import sampling_options
+
+    assert sampling_options({"precision": "bf16"}) == dict(cache=None, precision="bf16", compile=False)
+    assert sampling_options({"precision": "fp32"})["precision"] == "fp32"
+    recorded = {"precision": "bf16", "sample_precision": "fp32", "sample_cache": 0.08, "sample_compile": True}
+    assert sampling_options(recorded) == dict(cache=0.08, precision="fp32", compile=True)
+    assert sampling_options(recorded, cache=0.0, precision="bf16")["cache"] == 0.0
+    assert sampling_options(recorded, cache=0.0, precision="bf16")["precision"] == "bf16"

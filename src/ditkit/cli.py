@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default 1.5, or 1 for a "
                    "meanflow run, whose guidance is trained in)")
     p.add_argument("--cache", type=float, metavar="THRESHOLD", help="reuse the DiT blocks' output while the "
-                   "modulated input changed less than this (0..1; ~0.1 halves the demo's block evaluations)")
+                   "modulated input changed less than this (0..1; 0.05 about halves the demo's block evaluations)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast the model (guidance stays fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")
     p.add_argument("--seed", type=int, default=0)

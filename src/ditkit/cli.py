@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--control", choices=["edges", "lowres"], help="train a structure-control branch on this "
                    "condition image; the --base model stays frozen")
-    p.add_argument("--base", help="with --control: the base run (or checkpoint) directory")
+    p.add_argument("--base", help="with --control: the base run (or checkpoint) directory; with --objective "
+                   "meanflow: the flow run to start from")
     p.add_argument("assignments", nargs="*", metavar="key=value", help="any TrainConfig field, e.g. lr=1e-4")
     p.set_defaults(func=cmd_train)
 

@@ -12,7 +12,6 @@ own forward is unchanged.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ditkit.models.dit import DiT

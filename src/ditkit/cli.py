@@ -57,7 +57,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     preset = pipe.paper_preset() if args.paper else {}
     classes = args.classes if args.classes is not None else preset.pop("classes", None)
     preset.pop("classes", None)
-    given = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg).items() if v is not None}
+    given = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, cache=args.cache,
+                                   precision=args.precision, compile=args.compile).items() if v is not None}
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
     samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
                             frames=args.frames, half=args.half, **{**preset, **given})
@@ -234,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
     p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default: the run's)")
+    p.add_argument("--cache", type=float, metavar="THRESHOLD", help="reuse the DiT blocks' output while the "
+                   "modulated input changed less than this (0..1; 0.05 about halves the demo's block evaluations)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast the model (guidance stays fp32; "
+                   "default: bf16 for a run trained in bf16)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (needs a C++ compiler on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "

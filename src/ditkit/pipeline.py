@@ -140,6 +140,9 @@ class Pipeline:
             recorded = {new: config[key] for key, new in old.items() if key in config}
         settings = dict(FALLBACK_SETTINGS)
         settings.update({ARGUMENT_NAMES.get(k, k): v for k, v in recorded.items()})
+        if "precision" in recorded and recorded["precision"] is None:  # as trained: bf16 inference for bf16 runs
+            trained = self.info.get("train_config", {}).get("precision")
+            settings["precision"] = "bf16" if trained == "bf16" else None
         if settings.get("cfg_interval") is not None:
             settings["cfg_interval"] = tuple(settings["cfg_interval"])
         return settings

@@ -1,18 +1,23 @@
-"""Objectives: Gaussian diffusion (the original DiT recipe) and flow matching, with their samplers."""
+"""Objectives: Gaussian diffusion (the original DiT recipe), flow matching and MeanFlow, with their samplers."""
 from __future__ import annotations
 
 from ditkit.diffusion.flow import FLOW_TIME_SCALE, FlowMatching
 from ditkit.diffusion.gaussian import GaussianDiffusion, create_diffusion, get_named_beta_schedule, space_timesteps
+from ditkit.diffusion.meanflow import MeanFlow
 
-__all__ = ["FLOW_TIME_SCALE", "FlowMatching", "GaussianDiffusion", "build_objective", "create_diffusion",
+__all__ = ["FLOW_TIME_SCALE", "FlowMatching", "GaussianDiffusion", "MeanFlow", "build_objective", "create_diffusion",
            "get_named_beta_schedule", "space_timesteps"]
 
 
-def build_objective(objective: str, timestep_sampling: str = "logit_normal") -> GaussianDiffusion | FlowMatching:
+def build_objective(objective: str,
+                    timestep_sampling: str = "logit_normal") -> GaussianDiffusion | FlowMatching | MeanFlow:
     """The objective a run names: "flow": rectified flow (velocity prediction); "ddpm": the original DiT
-    recipe (1000 linear-beta steps, epsilon prediction, learned sigma, hybrid loss)."""
+    recipe (1000 linear-beta steps, epsilon prediction, learned sigma, hybrid loss); "meanflow": average
+    velocity for one-step generation (training builds it from the config's meanflow settings)."""
     if objective == "flow":
         return FlowMatching(timestep_sampling=timestep_sampling)
     if objective == "ddpm":
         return create_diffusion("", learn_sigma=True)
-    raise ValueError(f"unknown objective {objective!r}: expected flow or ddpm")
+    if objective == "meanflow":
+        return MeanFlow(timestep_sampling=timestep_sampling)
+    raise ValueError(f"unknown objective {objective!r}: expected flow, ddpm or meanflow")

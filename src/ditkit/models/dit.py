@@ -163,6 +163,7 @@ class DiT(PretrainedMixin, nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         block: str = "adaln_zero",
+        interval_embed: bool = False,
     ):
         super().__init__()
         if block not in _BLOCK_CLASSES:
@@ -178,6 +179,8 @@ class DiT(PretrainedMixin, nn.Module):
             num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, block=block,
         )
+        if interval_embed:  # issue 15: listed only when used, so the paper's config.json stays as it was
+            self.config["interval_embed"] = True
         self.input_size = (H, W)
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -191,6 +194,12 @@ class DiT(PretrainedMixin, nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # issue 15: a second timestep embedder for the interval t - r of two-time (MeanFlow) models; its
+        # output layer starts at zero so that a flow-matching checkpoint (the r = t case) loads unchanged
+        self.interval_embedder = None
+        if interval_embed:
+            self.interval_embedder = TimestepEmbedder(hidden_size)
+            nn.init.zeros_(self.interval_embedder.mlp[2].weight)
         # Fixed, not learned; a Parameter (not a buffer) because the original checkpoints store it.
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -233,12 +242,14 @@ class DiT(PretrainedMixin, nn.Module):
                         else "; this model has no null label (class_dropout_prob = 0)")
                 raise ValueError(f"labels must be in 0..{top}{null}; got values in {lo}..{hi}")
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None,
+                interval: Tensor | None = None) -> Tensor:
         """`force_drop_ids` (N,), 1 where the label is replaced by the null label: lets a trainer draw label
-        dropout from its own seeded generator instead of the global RNG."""
+        dropout from its own seeded generator instead of the global RNG. `interval` (N,): t - r of a
+        two-time model (built with interval_embed=True), in t's units."""
         self.check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        t_emb = self.t_embedder(t)  # (N, D)
+        t_emb = self.embed_time(t, interval)  # (N, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t_emb + y_emb
         if self.block == "in_context":
@@ -257,6 +268,15 @@ class DiT(PretrainedMixin, nn.Module):
             x = x[:, 2:]
         x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
         return self.unpatchify(x)
+
+    def embed_time(self, t: Tensor, interval: Tensor | None = None) -> Tensor:
+        """(N, D) embedding of t, plus that of the interval t - r for a two-time model."""
+        t_emb = self.t_embedder(t)
+        if interval is None:
+            return t_emb
+        if self.interval_embedder is None:
+            raise ValueError("this DiT takes one time: build it with interval_embed=True to pass interval=")
+        return t_emb + self.interval_embedder(interval)
 
     def forward_with_cfg(
         self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = None

@@ -14,9 +14,12 @@ from torch import Tensor
 from ditkit.diffusion.flow import FLOW_TIME_SCALE, FlowMatching
 from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
 from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, sampling_levels, space_timesteps
+from ditkit.diffusion.meanflow import SAMPLERS as MEANFLOW_SAMPLERS
+from ditkit.diffusion.meanflow import MeanFlow
+from ditkit.sampling.fast import prepare_model, warn_few_steps
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100, "meanflow": 1}
 Callback = Callable[[int, int, Tensor], None]  # (steps done, steps in all, x0 prediction) after each step
 
 
@@ -44,15 +47,16 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
     The first `guided_channels` output channels are guided; the rest (a learned variance) are the
     conditional pass's. Outside `cfg_interval` (or when cfg_scale == 1) the model is called once, on x only.
     """
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, **kwargs: Tensor) -> Tensor:  # kwargs: per-sample tensors (interval=)
         guide = cfg_scale != 1.0
         if guide and cfg_interval is not None:
             frac = float(time_fraction(t[0]))
             guide = cfg_interval[0] <= frac <= cfg_interval[1]
         # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
         if not guide:
-            return (model(x, t) if y is None else model(x, t, y)).to(x.dtype)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype)
+            return (model(x, t, **kwargs) if y is None else model(x, t, y, **kwargs)).to(x.dtype)
+        doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).to(x.dtype)
         cond, uncond = out.chunk(2)
         g = guided_channels
         guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
@@ -100,6 +104,8 @@ def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]
     """The sampler names an objective allows; the first is its default."""
     if isinstance(objective, GaussianDiffusion):
         return GAUSSIAN_SAMPLERS
+    if isinstance(objective, MeanFlow):
+        return MEANFLOW_SAMPLERS
     if isinstance(objective, FlowMatching):
         return FLOW_SAMPLERS
     raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
@@ -132,7 +138,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
            progress: bool = True, *, guided_channels: int | None = None, null_label: int | None = None,
            noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None, start_step: int = 0,
            step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1,
-           callback: Callback | None = None) -> Tensor:
+           callback: Callback | None = None, cache: float | None = None, precision: str | None = None,
+           compile: bool = False) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -152,6 +159,11 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     jumps; the loop's levels are those of `sampling_schedule` (see `sampling_levels`).
     callback(step, total, x0): called after each of the `total` steps with the current prediction of the
     clean sample (model space); an exception it raises stops sampling.
+    MeanFlow (one-step) models: sampler "meanflow" (default, 1 step: one model call), or euler/heun at r = t.
+    cache: reuse the DiT blocks' residual while the timestep-modulated input has changed by less than this
+    (summed relative L1, in [0, 1]; 0 = never; `ditkit.sampling.cache`). precision: "bf16" (or "fp16" on CUDA)
+    runs the model under autocast, guidance and sampler maths staying float32; None leaves it as called.
+    compile: run a `torch.compile`d model (needs a C++ compiler on the CPU).
     """
     shape = tuple(shape)
     C = shape[1] if len(shape) > 1 else 0
@@ -177,6 +189,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
         if cfg_scale != 1.0 and null is None:
             raise ValueError("classifier-free guidance needs a null label: the model has no num_classes, "
                              "so pass null_label=")
+    warn_few_steps(objective, sampler, n)
+    model = prepare_model(model, torch.device(device), precision=precision, compile=compile, cache=cache)
     model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction)
     if callback is not None:
         levels = sampling_levels(n, start_step, jump_length, jump_n_sample)

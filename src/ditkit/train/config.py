@@ -74,8 +74,13 @@ class TextConfig:
 
 @dataclass
 class ObjectiveConfig:
-    objective: str = identity("flow")            # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
+    objective: str = identity("flow")            # "flow" (rectified flow), "ddpm" (Gaussian, learned sigma) or
+    #                                              "meanflow" (one-step; base= fine-tunes a flow run)
     timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
+    meanflow_unequal: float = identity(0.25)     # meanflow: share of training pairs with r < t (the rest r = t)
+    meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
+    meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
+    meanflow_adaptive_p: float = identity(1.0)   # meanflow: loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain MSE
 
 
 @dataclass
@@ -116,6 +121,9 @@ class SampleConfig:
     steps: int | None = 20              # None: the sampler's default
     cfg_scale: float = 4.0
     cfg_interval: tuple[float, float] | None = None  # (lo, hi) of the trajectory where guidance applies
+    cache: float | None = None          # block-cache threshold in [0, 1] (ditkit.sampling.cache); None: no cache
+    precision: str | None = None        # "fp32" | "bf16" autocast of the model; None: bf16 if the run trained in bf16
+    compile: bool = False               # torch.compile the model for sampling
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ditkit.sample()`."""
@@ -155,6 +163,14 @@ def sample_aliases() -> dict[str, str]:
     (`steps` is the training steps, so the sampling steps are `sample_steps`)."""
     top = _fields()
     return {(f"sample_{name}" if name in top else name): name for name in _fields(SampleConfig)}
+
+
+def _sample_key(key: str) -> str | None:
+    """The sample-section field a flat key names: an alias above, or sample_NAME for any field."""
+    if key in sample_aliases():
+        return sample_aliases()[key]
+    name = key[len("sample_"):] if key.startswith("sample_") else None
+    return name if name in _fields(SampleConfig) else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,8 +251,8 @@ def _place(key: str) -> tuple[str, str] | None:
     key = key.strip().replace("-", "_")
     if key.startswith("sample.") and key[len("sample."):] in _fields(SampleConfig):
         return "sample", key[len("sample."):]
-    if key in sample_aliases():
-        return "sample", sample_aliases()[key]
+    if _sample_key(key) is not None:
+        return "sample", _sample_key(key)
     if key in _fields() and key != "sample":
         return "top", key
     return None
@@ -336,7 +352,7 @@ def unknown_keys_message(keys: list[str]) -> str:
 
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
-    choices = {"objective": ("flow", "ddpm"), "precision": ("fp32", "bf16", "fp16"),
+    choices = {"objective": ("flow", "ddpm", "meanflow"), "precision": ("fp32", "bf16", "fp16"),
                "timestep_sampling": ("uniform", "logit_normal"),
                "attention": ("full", "factorized", "windowed")}
     for key, allowed in choices.items():
@@ -356,8 +372,14 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.text_model not in ("mmdit", "pixart"):
         raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
-    if (c.control is None) != (c.base is None):
+    if c.control is None and c.base is not None and c.objective != "meanflow":
+        raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
+    if c.control is not None and c.base is None:
         raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
+    if c.sample.cache is not None and not 0 <= c.sample.cache <= 1:
+        raise ValueError(f"sample_cache must be in [0, 1] (0: never reuse), got {c.sample.cache}")
+    if c.sample.precision not in (None, "fp32", "bf16", "fp16"):
+        raise ValueError(f"sample_precision must be fp32, bf16 or fp16, got {c.sample.precision!r}")
     if c.control is not None:
         check_condition(c.control)
         if c.fsdp:

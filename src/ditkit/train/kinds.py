@@ -28,6 +28,7 @@ from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit.train import checkpoint as ckpt
 from ditkit.train.config import TrainConfig
+from ditkit.train.meanflow import load_base_weights
 
 
 class ImageKind:
@@ -42,13 +43,20 @@ class ImageKind:
                     learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob, **c.model_args)
 
     def build(self) -> nn.Module:
-        """The module that trains (on the CPU; the trainer moves it)."""
+        """The module that trains (on the CPU; the trainer moves it). MeanFlow adds the interval embedder and
+        may start from a flow-matching run (base=)."""
         c, kwargs = self.c, self.model_kwargs()
+        if c.objective == "meanflow":
+            kwargs["interval_embed"] = True
         if c.model == "custom":
             arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
                         mlp_ratio=c.mlp_ratio, block=c.block)
-            return DiT(**{**arch, **kwargs})
-        return create_model(c.model, **{"block": c.block, **kwargs})
+            model = DiT(**{**arch, **kwargs})
+        else:
+            model = create_model(c.model, **{"block": c.block, **kwargs})
+        if c.objective == "meanflow" and c.base:  # a resumed run then loads its own weights over these
+            load_base_weights(model, ckpt.resolve_checkpoint(c.base))
+        return model
 
     def saved(self, model: nn.Module) -> nn.Module:
         """The part of `model` (or of its EMA copy) that a checkpoint holds."""

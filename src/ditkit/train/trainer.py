@@ -36,6 +36,7 @@ from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
+from ditkit.train.meanflow import meanflow_objective
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -196,7 +197,10 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
     """Data, objective, model (+ EMA), the distributed wrapper, optimizer and scaler, restored from `start`."""
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
     kind = make_kind(c)
-    objective = build_objective(c.objective, c.timestep_sampling)
+    if c.objective == "meanflow":
+        objective = meanflow_objective(c)
+    else:
+        objective = build_objective(c.objective, c.timestep_sampling)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = kind.build().to(dist.device)
     model.grad_checkpointing = c.grad_checkpoint

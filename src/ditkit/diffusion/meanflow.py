@@ -1,0 +1,201 @@
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): one- and few-step generation
+trained from scratch, with no teacher.
+
+The path is flow matching's, stated once in `ditkit.diffusion.flow`: z_t = (1 - t) x0 + t noise, with the
+instantaneous velocity v = noise - x0. The model learns the *average* velocity over an interval [r, t],
+
+    u(z_t, r, t) = 1 / (t - r) * integral_r^t v(z_s, s) ds,
+
+so that one jump z_r = z_t - (t - r) u(z_t, r, t) follows the whole trajectory. Differentiating
+(t - r) u = integral_r^t v in t gives the MeanFlow identity u = v - (t - r) du/dt, with the total derivative
+du/dt = v . d_z u + d_t u along the path (r fixed): one Jacobian-vector product of the network with the
+tangent (v, 0, 1) in (z, r, t). The regression target u_tgt = v - (t - r) du/dt is held fixed
+(stop-gradient). The model is fed t and the interval t - r (both x FLOW_TIME_SCALE); at r = t it is a
+plain velocity model, so FlowMatching's Euler and Heun samplers also run it.
+
+Guidance is folded into the target (the paper's sec. 4.2): for a labelled sample the field regressed is
+v_cfg = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null), the network's own (stop-gradient)
+instantaneous predictions standing in for the unknown conditional and unconditional fields; samples whose
+label was dropped to the null label keep v. One step then draws guided samples with a single model call.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ditkit.diffusion.flow import FLOW_TIME_SCALE, SAMPLERS as FLOW_SAMPLERS, FlowMatching
+from ditkit.diffusion.gaussian import StepHook, mean_flat
+
+Model = Callable[..., Tensor]
+
+SAMPLERS = ("meanflow", *FLOW_SAMPLERS)  # the first is the default; the flow samplers use r = t
+
+
+class MeanFlow(FlowMatching):
+    """The MeanFlow objective: average-velocity regression with a JVP target, and its samplers.
+
+    timestep_sampling / logit_mean / logit_std: how the two times are drawn (each pair is two draws,
+    t the larger, r the smaller; the paper's logit-normal(-0.4, 1)). unequal_fraction: the fraction of
+    pairs with r != t (the rest have r = t, plain flow matching; the paper's best is 0.25).
+    adaptive_p, adaptive_c: adaptive loss weighting w = 1 / (|delta|^2 + c)^p, held fixed (the paper's
+    p = 1, c = 1e-3; p = 0 is the plain squared error). cfg_scale (w) and cfg_mix (k): guidance folded
+    into the target (w = 1, k = 0: none); a model trained with w > 1 is sampled with cfg_scale 1.
+    """
+
+    def __init__(self, timestep_sampling: str = "logit_normal", logit_mean: float = -0.4, logit_std: float = 1.0,
+                 unequal_fraction: float = 0.25, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
+                 cfg_scale: float = 1.0, cfg_mix: float = 0.0):
+        super().__init__(timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std)
+        if not 0.0 <= unequal_fraction <= 1.0:
+            raise ValueError(f"unequal_fraction must be in [0, 1], got {unequal_fraction}")
+        if adaptive_p < 0 or adaptive_c <= 0:
+            raise ValueError(f"adaptive_p must be >= 0 and adaptive_c > 0, got {adaptive_p}, {adaptive_c}")
+        if cfg_scale < 1.0 or not 0.0 <= cfg_mix < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 and cfg_mix in [0, 1), got {cfg_scale}, {cfg_mix}")
+        self.unequal_fraction, self.adaptive_p, self.adaptive_c = unequal_fraction, adaptive_p, adaptive_c
+        self.cfg_scale, self.cfg_mix = cfg_scale, cfg_mix
+
+    def __repr__(self) -> str:
+        return (f"MeanFlow(unequal_fraction={self.unequal_fraction}, adaptive_p={self.adaptive_p}, "
+                f"cfg_scale={self.cfg_scale}, cfg_mix={self.cfg_mix})")
+
+    # ---- the two times -------------------------------------------------------------------------
+    def sample_t(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        """n training pairs (n, 2): column 0 is t, column 1 is r <= t; r = t for a (1 - unequal_fraction)
+        share. All draws come from `generator`, so a seeded trainer replays them on resume."""
+        a = super().sample_t(n, generator, device)
+        b = super().sample_t(n, generator, device)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        equal = torch.rand(n, generator=generator, device=device) >= self.unequal_fraction
+        return torch.stack([t, torch.where(equal, t, r)], dim=1)
+
+    @staticmethod
+    def split_times(times: Tensor) -> tuple[Tensor, Tensor]:
+        """(n, 2) pairs -> t (n,), r (n,); (n,) times are r = t pairs."""
+        if times.ndim == 1:
+            return times, times
+        if times.ndim != 2 or times.shape[1] != 2:
+            raise ValueError(f"MeanFlow times must be (N,) or (N, 2) [t, r] pairs, got shape {tuple(times.shape)}")
+        return times[:, 0], times[:, 1]
+
+    # ---- the model as a function of (z, t, r) ----------------------------------------------------
+    def average_velocity(self, model: Model, z: Tensor, t: Tensor, r: Tensor,
+                         model_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """u(z, r, t): the model fed t and the interval t - r (both x FLOW_TIME_SCALE)."""
+        out = model(z, t * FLOW_TIME_SCALE, interval=(t - r) * FLOW_TIME_SCALE, **(model_kwargs or {}))
+        return out[:, : z.shape[1]]
+
+    def velocity(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The instantaneous velocity v(z, t) = u(z, t, t), for FlowMatching's Euler/Heun samplers."""
+        return self.average_velocity(model, x, t, t, model_kwargs)
+
+    def jvp_target(self, model: Model, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
+                   model_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        """(u, u_tgt): the prediction u(z, r, t) (differentiable) and the target v - (t - r) du/dt
+        (detached), du/dt being the JVP of u along the tangent (v, 0, 1) in (z, r, t).
+
+        The model is fed the interval h = t - r, so the tangent in (z, t, h) is (v, 1, 1). Because the target
+        is detached, the forward-mode pass (`torch.func.jvp`) runs without autograd and only on the pairs
+        with r < t (at r = t the target is v itself); the prediction is an ordinary forward, so gradient
+        checkpointing and every attention path apply to it unchanged."""
+        kwargs = model_kwargs or {}
+        h = t - r
+        u = self.average_velocity(model, z, t, r, kwargs)
+        u_tgt = v.clone()
+        pick = (h > 0).nonzero().flatten()
+        if len(pick):
+            N = z.shape[0]
+            sub = {k: a[pick] if isinstance(a, Tensor) and a.ndim and a.shape[0] == N else a for k, a in kwargs.items()}
+
+            def u_of(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
+                out = model(z_, t_ * FLOW_TIME_SCALE, interval=h_ * FLOW_TIME_SCALE, **sub)
+                return out[:, : z_.shape[1]]
+
+            ones = torch.ones_like(t[pick])
+            # PyTorch's fused attention kernels (CPU flash, CUDA flash / memory-efficient) have no forward-mode
+            # derivative; the math backend is made of ops that do
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+                _, dudt = torch.func.jvp(u_of, (z[pick], t[pick], h[pick]), (v[pick], ones, ones))
+            u_tgt[pick] = v[pick] - self._bcast(h[pick], v) * dudt.to(v.dtype)
+        return u, u_tgt.detach()
+
+    def guided_field(self, model: Model, z: Tensor, t: Tensor, v: Tensor,
+                     model_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The field regressed with guidance folded in: w v + k u(z, t, t | c) + (1 - w - k) u(z, t, t | null)
+        for labelled samples, v where the label was dropped (`force_drop_ids` == 1) or with no labels."""
+        kwargs = dict(model_kwargs or {})
+        y = kwargs.get("y")
+        if self.cfg_scale == 1.0 or y is None:
+            return v
+        drop = kwargs.pop("force_drop_ids", None)
+        kept = torch.ones_like(t, dtype=torch.bool) if drop is None else drop.to(t.device) != 1
+        w, k = self.cfg_scale, self.cfg_mix
+        with torch.no_grad():
+            if k > 0:  # conditional and unconditional in one batch, the null half forced by force_drop_ids
+                ids = torch.cat([torch.zeros_like(y), torch.ones_like(y)])
+                both = self.velocity(model, torch.cat([z, z]), torch.cat([t, t]),
+                                     {**kwargs, "y": torch.cat([y, y]), "force_drop_ids": ids})
+                u_cond, u_null = both.to(v.dtype).chunk(2)
+            else:
+                u_cond = 0.0
+                u_null = self.velocity(model, z, t, {**kwargs, "force_drop_ids": torch.ones_like(y)}).to(v.dtype)
+        guided = w * v + k * u_cond + (1 - w - k) * u_null
+        return torch.where(kept.reshape(-1, *([1] * (z.ndim - 1))), guided, v)
+
+    # ---- training --------------------------------------------------------------------------------
+    def training_losses(self, model: Model, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
+                        noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-sample losses for times `t`, (N, 2) [t, r] pairs from `sample_t` ((N,) means r = t):
+        {"loss": sg(w) * mse, "mse": |u - sg(u_tgt)|^2 averaged per sample}, w the adaptive weight."""
+        t, r = self.split_times(t)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        z = self.q_sample(x_start, t, noise)
+        v = self.guided_field(model, z, t, noise - x_start, model_kwargs)
+        u, u_tgt = self.jvp_target(model, z, t, r, v, model_kwargs)
+        mse = mean_flat((u.float() - u_tgt.float()) ** 2)
+        weight = 1.0 / (mse.detach() + self.adaptive_c) ** self.adaptive_p
+        return {"loss": weight * mse, "mse": mse}
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def sample_loop(self, model: Model, shape: Sequence[int], noise: Tensor | None = None, *,
+                    sampler: str = "meanflow", steps: int = 1, shift: float | None = None, sde_scale: float = 1.0,
+                    model_kwargs: dict[str, Any] | None = None, device: torch.device | str | None = None,
+                    progress: bool = False, step_noises: Sequence[Tensor] | None = None,
+                    generator: torch.Generator | None = None, start_step: int = 0,
+                    step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
+        """"meanflow": N jumps z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid from 1 to 0 (1 step: one model
+        call, x0 = z_1 - u(z_1, 0, 1)). "euler", "heun", "sde": FlowMatching's, on the model at r = t.
+        `model` is called as model(z, t, interval=h) with both times x FLOW_TIME_SCALE."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} for MeanFlow: expected one of {', '.join(SAMPLERS)}")
+        if sampler != "meanflow":
+            return super().sample_loop(model, shape, noise, sampler=sampler, steps=steps, shift=shift,
+                                       sde_scale=sde_scale, model_kwargs=model_kwargs, device=device,
+                                       progress=progress, step_noises=step_noises, generator=generator,
+                                       start_step=start_step, step_hook=step_hook, jump_length=jump_length,
+                                       jump_n_sample=jump_n_sample)
+        if step_noises is not None or jump_length != 1 or jump_n_sample != 1:
+            raise ValueError("the meanflow sampler is deterministic and has no resampling jumps: "
+                             "no step_noises, jump_length or jump_n_sample")
+        grid = self.timesteps(steps, shift)
+        if not 0 <= start_step < steps:
+            raise ValueError(f"start_step must be in 0..{steps - 1}, got {start_step}")
+        x = noise.to(device) if noise is not None and device is not None else noise
+        if x is None:
+            x = torch.randn(*shape, generator=generator, device=device)
+        N = x.shape[0]
+        with torch.no_grad():
+            for i in range(start_step, steps):
+                t, r = float(grid[i]), float(grid[i + 1])
+                tt = torch.full((N,), t, device=x.device, dtype=torch.float32)
+                rr = torch.full((N,), r, device=x.device, dtype=torch.float32)
+                x = x - (t - r) * self.average_velocity(model, x, tt, rr, model_kwargs).to(x.dtype)
+                if step_hook is not None:
+                    x = step_hook(x, i + 1)
+        return x

@@ -1,0 +1,269 @@
+"""MeanFlow (issue 15): the maths on closed-form Gaussian data, the two-time DiT, the samplers, training.
+
+Data x0 ~ N(mu, sigma^2 I), noise ~ N(0, I), z_t = (1 - t) x0 + t noise. The probability-flow map keeps
+the standardised coordinate xi = (z_t - (1 - t) mu) / s_t, s_t = sqrt((1 - t)^2 sigma^2 + t^2), so the
+exact average velocity is u(z, r, t) = (z_t - z_r) / (t - r) = -mu + (s_t - s_r) / (t - r) xi, and the
+exact (marginal) velocity v(z, t) = -mu + s_t' xi with s_t' = (t - (1 - t) sigma^2) / s_t.
+"""
+import math
+
+import pytest
+import torch
+
+import ditkit
+from ditkit.diffusion import FLOW_TIME_SCALE, FlowMatching
+from ditkit.diffusion.meanflow import MeanFlow
+from ditkit.models import DiT
+
+MU, SIGMA = 0.7, 0.3
+
+
+def s_of(t):
+    return torch.sqrt((1 - t) ** 2 * SIGMA**2 + t**2)
+
+
+def bc(a, like):
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def exact_u(z, t, r):
+    xi = (z - bc(1 - t, z) * MU) / bc(s_of(t), z)
+    h = t - r
+    safe = torch.where(h > 0, h, torch.ones_like(h))
+    slope = torch.where(h > 0, (s_of(t) - s_of(r)) / safe, (t - (1 - t) * SIGMA**2) / s_of(t))
+    return -MU + bc(slope, z) * xi
+
+
+def exact_v(z, t):
+    return exact_u(z, t, t)
+
+
+class ExactAverageVelocity(torch.nn.Module):
+    """The closed-form u as a model with DiT's call signature (times x FLOW_TIME_SCALE)."""
+
+    def forward(self, z, t, y=None, force_drop_ids=None, interval=None):
+        t = t / FLOW_TIME_SCALE
+        r = t - (interval / FLOW_TIME_SCALE if interval is not None else 0)
+        return exact_u(z, t, r)
+
+
+def tiny_dit(interval_embed=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=3,
+                learn_sigma=False, interval_embed=interval_embed, **kw)
+    with torch.no_grad():  # zero-initialised layers would hide the dependence on t, r and z
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def times(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = 0.1 + 0.85 * torch.rand(n, generator=g, dtype=torch.float64)
+    r = t * torch.rand(n, generator=g, dtype=torch.float64)
+    return t, r
+
+
+def test_exact_u_satisfies_the_meanflow_identity():
+    # with the exact u and the marginal v, the JVP target v - (t - r) du/dt is u itself
+    t, r = times(6)
+    z = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, u_tgt = MeanFlow().jvp_target(ExactAverageVelocity(), z, t, r, exact_v(z, t))
+    assert torch.allclose(u, exact_u(z, t, r), atol=1e-12)
+    assert torch.allclose(u_tgt, u, atol=1e-10)
+
+
+def float64_timestep_embedding(t, dim, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    args = t[:, None].double() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@pytest.mark.parametrize("model", ["exact", "dit"])
+def test_jvp_target_equals_the_finite_difference_derivative(model, monkeypatch):
+    # DiT embeds t in float32 (as the original) with frequencies up to 1 per 1/1000 of flow time: a difference
+    # quotient needs a step far below float32's resolution, so this test embeds in float64
+    from ditkit.models.layers import TimestepEmbedder
+
+    monkeypatch.setattr(TimestepEmbedder, "timestep_embedding", staticmethod(float64_timestep_embedding))
+    fn = ExactAverageVelocity() if model == "exact" else tiny_dit().double()
+    C = 1 if model == "exact" else 2
+    size = 4 if model == "exact" else 8
+    t, r = times(5, seed=2)
+    r[0] = t[0]  # an r = t pair: its target is v itself
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, C, size, size, generator=g, dtype=torch.float64)
+    v = torch.randn(5, C, size, size, generator=g, dtype=torch.float64)
+    kwargs = {} if model == "exact" else {"y": torch.tensor([0, 1, 2, 0, 3])}
+    mf = MeanFlow()
+    _, u_tgt = mf.jvp_target(fn, z, t, r, v, kwargs)
+
+    def u(z_, t_):  # r held fixed
+        return mf.average_velocity(fn, z_, t_, r, kwargs)
+
+    eps, tol = (1e-5, 1e-9) if model == "exact" else (1e-7, 1e-6)
+    with torch.no_grad():
+        dudt = (u(z + eps * v, t + eps) - u(z - eps * v, t - eps)) / (2 * eps)
+    expected = v - bc(t - r, v) * dudt
+    assert (u_tgt - expected).abs().max().item() < tol * expected.abs().max().item()
+    assert torch.equal(u_tgt[0], v[0])
+
+
+def test_jvp_runs_on_the_bf16_cpu_attention_path_and_with_gradient_checkpointing():
+    model = tiny_dit().train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 2, 8, 8, generator=g)
+    noise = torch.randn(6, 2, 8, 8, generator=g)
+    pairs = MeanFlow(unequal_fraction=1.0).sample_t(6, g)
+    kwargs = {"y": torch.tensor([0, 1, 2, 0, 1, 2]), "force_drop_ids": torch.tensor([0, 0, 1, 0, 0, 0])}
+    mf = MeanFlow()
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mf.training_losses(model, x0, pairs, kwargs, noise)["loss"].mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.isfinite(loss)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    # and the bf16 JVP agrees with the fp64 one to bf16 accuracy
+    t, r = pairs[:, 0], pairs[:, 1]
+    z = mf.q_sample(x0, t, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = mf.jvp_target(model, z, t, r, noise - x0, kwargs)
+    model.grad_checkpointing = False
+    _, high = mf.jvp_target(model.double(), z.double(), t.double(), r.double(), (noise - x0).double(), kwargs)
+    assert (low.double() - high).abs().max() < 0.05 * high.abs().max()
+
+
+def test_exact_u_gives_exact_one_step_and_few_step_samples():
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for steps in (1, 2, 5):
+        x = ditkit.sample(ExactAverageVelocity(), MeanFlow(), noise.shape, noise=noise, steps=steps, progress=False)
+        # z_1 = noise = xi, so the exact jump lands on mu + sigma xi for every sample (the sampler's times are
+        # float32, hence the tolerance)
+        assert torch.allclose(x, MU + SIGMA * noise, atol=1e-6), steps
+    assert abs(x.mean().item() - MU) < 0.01 and abs(x.std().item() - SIGMA) < 0.01
+
+
+def test_one_euler_step_of_the_instantaneous_velocity_is_not_exact_and_warns():
+    noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="1 euler step on a flow-matching"):
+        x = ditkit.sample(ExactAverageVelocity(), FlowMatching(), noise.shape, noise=noise, steps=1,
+                          sampler="euler", progress=False)
+    # Euler from t = 1 with v(z, 1) = -mu + z: x = mu, every sample collapses to the mean
+    assert torch.allclose(x, torch.full_like(x, MU), atol=1e-12)
+
+
+class LabelField(torch.nn.Module):
+    """u(z, t, t | y) = z * (y + 1) (null label 3 -> 4 z), so every term of the guided field is visible."""
+
+    num_classes = 3
+
+    def forward(self, z, t, y, force_drop_ids=None, interval=None):
+        if force_drop_ids is not None:
+            y = torch.where(force_drop_ids == 1, torch.full_like(y, self.num_classes), y)
+        return z * bc((y + 1).to(z.dtype), z)
+
+
+@pytest.mark.parametrize("w,k", [(1.0, 0.0), (3.0, 0.0), (2.5, 0.4)])
+def test_cfg_folded_target_equals_the_formula(w, k):
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(6, 1, 2, 2, generator=g), torch.randn(6, 1, 2, 2, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    drop = torch.tensor([0, 0, 1, 0, 1, 0])
+    t = torch.rand(6, generator=g)
+    field = MeanFlow(cfg_scale=w, cfg_mix=k).guided_field(LabelField(), z, t, v, {"y": y, "force_drop_ids": drop})
+    u_cond, u_null = z * bc(y + 1.0, z), 4 * z
+    expected = w * v + k * u_cond + (1 - w - k) * u_null
+    expected[drop == 1] = v[drop == 1]  # dropped labels learn the unguided field
+    assert torch.allclose(field, expected, atol=1e-6)
+
+
+def test_time_pairs_come_from_the_generator_with_the_asked_share_of_r_equal_t():
+    mf = MeanFlow(unequal_fraction=0.25)
+    a = mf.sample_t(20000, torch.Generator().manual_seed(5))
+    b = mf.sample_t(20000, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (20000, 2)
+    t, r = a[:, 0], a[:, 1]
+    assert ((r <= t) & (r > 0) & (t < 1)).all()
+    assert abs((r < t).float().mean().item() - 0.25) < 0.01
+    # logit-normal(-0.4, 1): the median of one draw is sigmoid(-0.4); t is the larger of two
+    assert abs(torch.logit(t).median().item() - (-0.4 + 0.545)) < 0.03  # median of the max of two normals
+    with pytest.raises(ValueError, match="unequal_fraction"):
+        MeanFlow(unequal_fraction=1.5)
+
+
+def test_interval_embedder_is_zero_initialised_and_absent_unless_asked():
+    plain = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=3)
+    assert not any(k.startswith("interval_embedder") for k in plain.state_dict())
+    assert "interval_embed" not in plain.config
+    torch.manual_seed(0)
+    two = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=3,
+              interval_embed=True)
+    state = {k: v for k, v in two.state_dict().items() if not k.startswith("interval_embedder")}
+    plain.load_state_dict(state)  # a flow checkpoint fits every other key
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([300.0, 900.0]), torch.tensor([0, 3])
+    for p in two.final_layer.parameters():
+        torch.nn.init.normal_(p)
+    plain.final_layer.load_state_dict(two.final_layer.state_dict())
+    assert torch.equal(two(x, t, y, interval=torch.tensor([100.0, 500.0])), plain(x, t, y))
+    with pytest.raises(ValueError, match="interval_embed=True"):
+        plain(x, t, y, interval=torch.tensor([1.0, 2.0]))
+
+
+TINY = dict(data="patterns", image_size=8, channels=2, hidden_size=32, depth=2, num_heads=4, patch_size=2,
+            batch_size=8, warmup_steps=2, log_every=1, samples_per_class=1, objective="meanflow", meanflow_cfg=2.0,
+            sampler="meanflow", sample_steps=1, cfg_scale=1.0, precision="bf16")
+
+
+def test_meanflow_training_resumes_bit_identically_and_samples_in_one_call(tmp_path):
+    from safetensors.torch import load_file
+
+    from ditkit.pipeline import load_pipeline
+    from ditkit.train import TrainConfig, train
+    from ditkit.train import checkpoint as ckpt
+
+    straight = train(TrainConfig.from_dict(dict(**TINY, steps=4, save_every=2, out=str(tmp_path / "a"))),
+                     progress=False)
+    assert math.isfinite(straight.final_loss)
+    train(TrainConfig.from_dict(dict(**TINY, steps=4, save_every=2, out=str(tmp_path / "b"))), progress=False)
+    # resume from step 2 of b: remove its step-4 checkpoint and continue
+    import shutil
+
+    shutil.rmtree(ckpt.step_dir(tmp_path / "b", 4))
+    train(TrainConfig.from_dict(dict(**TINY, steps=4, save_every=2, out=str(tmp_path / "b"))), resume=True,
+          progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(ckpt.latest_checkpoint(tmp_path / "a") / name))
+        b = load_file(str(ckpt.latest_checkpoint(tmp_path / "b") / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    pipe = load_pipeline(tmp_path / "a")
+    assert isinstance(pipe.objective, MeanFlow) and pipe.model.interval_embedder is not None
+
+    calls = []
+    pipe.model.register_forward_hook(lambda *a: calls.append(1))
+    x = ditkit.sample(pipe.model, pipe.objective, (4, 2, 8, 8), y=torch.tensor([0, 1, 2, 3]), progress=False)
+    assert len(calls) == 1 and x.shape == (4, 2, 8, 8) and torch.isfinite(x).all()
+
+
+def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
+    from ditkit.train import TrainConfig, train
+    from ditkit.train import checkpoint as ckpt
+
+    flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2}
+    train(TrainConfig.from_dict(dict(**flow, steps=2, out=str(tmp_path / "flow"))), progress=False)
+    tune = dict(**{**TINY, "warmup_steps": 1}, steps=1, lr=1e-12, base=str(tmp_path / "flow"), out=str(tmp_path / "mf"))
+    run = train(TrainConfig.from_dict(tune), progress=False)
+    from safetensors.torch import load_file
+
+    base = load_file(str(ckpt.latest_checkpoint(tmp_path / "flow") / "ema.safetensors"))
+    tuned = load_file(str(run.checkpoint / "model.safetensors"))
+    assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in base)
+    assert any(k.startswith("interval_embedder") for k in tuned)
+    with pytest.raises(ValueError, match="must be a flow-matching run"):
+        train(TrainConfig.from_dict(dict(**TINY, steps=1, base=str(tmp_path / "mf"), out=str(tmp_path / "mf2"))),
+              progress=False)

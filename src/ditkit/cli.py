@@ -58,7 +58,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ditkit.diffusion import GaussianDiffusion
     from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
     from ditkit.pipeline import load_pipeline
-    from ditkit.sampling import sample
+    from ditkit.sampling import recorded_options, sample
 
     folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
     clip_out = args.out.endswith((".gif", ".mp4"))
@@ -111,8 +111,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     H, W = model.input_size
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
+        options = {} if args.paper else recorded_options(pipe.info.get("train_config", {}))  # issue 14
         raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
-                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided)
+                     steps=steps, sampler=sampler, generator=generator, guided_channels=guided, **options)
     images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()
     if folder:
         save_image_folder(args.out, images, y.cpu() if conditional else None)

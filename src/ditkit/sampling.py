@@ -3,16 +3,25 @@
 CFG (Ho & Salimans 2022): pred = pred_uncond + s (pred_cond - pred_uncond), from one batched model call on
 [x; x] with labels [y; null]. `cfg_interval` applies it only inside part of the trajectory (Kynkaanniemi
 et al. 2024), where the unconditional half is not computed at all.
+
+Two variants change what guidance pushes against or how:
+- autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the
+  unconditional prediction is replaced by a weaker model's *conditional* one (`guide_model`: a smaller or
+  less trained network), so guidance sharpens what the weak model gets wrong without narrowing the classes.
+- adaptive projected guidance (APG; Sadat et al. 2024): the guidance update on the denoised image,
+  D_c - D_u, is split into its part parallel to D_c (which over-saturates) and the orthogonal rest; the
+  parallel part is weighted by `apg_eta` (0 drops it), after an optional norm cap and reverse momentum.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
-from ditkit.diffusion.flow import FlowMatching
+from ditkit.diffusion.flow import FlowMatching, shift_time
 from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, space_timesteps
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
@@ -35,14 +44,51 @@ def _model_device(model: Callable[..., Tensor]) -> torch.device:
         return torch.device("cpu")
 
 
+def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner products of (N, ...) tensors, shaped (N, 1, ..., 1) to broadcast back."""
+    return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+
+
+def apg_update(delta: Tensor, denoised_cond: Tensor, eta: float = 0.0, norm_threshold: float | None = None,
+               running: Tensor | None = None, momentum: float = 0.0) -> tuple[Tensor, Tensor]:
+    """APG's guidance update on denoised images (Sadat et al. 2024, Alg. 1): returns (update, new running).
+
+    delta = D_c - D_u (N, ...); with momentum beta (the paper uses negative values) delta is first replaced by
+    the running average delta + beta * running; its norm is capped at norm_threshold (per sample); then it is
+    split into the part parallel to D_c and the orthogonal rest: update = orthogonal + eta * parallel.
+    eta = 1 with no cap and no momentum gives back delta, i.e. plain CFG.
+    """
+    if momentum != 0.0 and running is not None:
+        delta = delta + momentum * running
+    running = delta
+    if norm_threshold is not None:
+        norm = _flat_dot(delta, delta).sqrt()
+        delta = delta * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    d = denoised_cond.double()
+    parallel = (_flat_dot(delta.double(), d) / _flat_dot(d, d).clamp_min(1e-24) * d).to(delta.dtype)
+    return delta - parallel + eta * parallel, running
+
+
 def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | None, cfg_scale: float,
                  cfg_interval: tuple[float, float] | None, guided_channels: int,
-                 time_fraction: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+                 time_fraction: Callable[[Tensor], Tensor], *, guide_model: Callable[..., Tensor] | None = None,
+                 apg_eta: float | None = None, apg_norm: float | None = None, apg_momentum: float = 0.0,
+                 x0_coefficients: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+                 ) -> Callable[[Tensor, Tensor], Tensor]:
     """`model_fn(x, t)` for a sampler: the conditional prediction, guided where guidance applies.
 
     The first `guided_channels` output channels are guided; the rest (a learned variance) are the
     conditional pass's. Outside `cfg_interval` (or when cfg_scale == 1) the model is called once, on x only.
+    guide_model: the prediction guided against is guide_model(x, t, y) (autoguidance) instead of the
+    model's unconditional one. apg_eta (not None): APG instead of CFG, computed on the denoised images
+    x0 = a x + b pred given by `x0_coefficients(t) -> (a, b)` (each (N,)).
     """
+    g = guided_channels
+    state: dict[str, Tensor | None] = {"running": None}
+
+    def call(net: Callable[..., Tensor], x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return (net(x, t) if labels is None else net(x, t, labels)).to(x.dtype)
+
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         guide = cfg_scale != 1.0
         if guide and cfg_interval is not None:
@@ -50,14 +96,52 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
             guide = cfg_interval[0] <= frac <= cfg_interval[1]
         # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
         if not guide:
-            return (model(x, t) if y is None else model(x, t, y)).to(x.dtype)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype)
-        cond, uncond = out.chunk(2)
-        g = guided_channels
-        guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+            return call(model, x, t, y)
+        if guide_model is not None:
+            cond, uncond = call(model, x, t, y), call(guide_model, x, t, y)
+        else:
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype).chunk(2)
+        if apg_eta is None:
+            guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+            return torch.cat([guided, cond[:, g:]], dim=1)
+        a, b = (c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) for c in x0_coefficients(t))
+        denoised_cond = a * x[:, :g] + b * cond[:, :g]
+        update, state["running"] = apg_update(b * (cond[:, :g] - uncond[:, :g]), denoised_cond, apg_eta, apg_norm,
+                                              state["running"], apg_momentum)
+        # back from denoised-image units to the model's (where b = 0, flow at t = 0, the prediction does not
+        # move the denoised image and plain CFG is used)
+        safe = b.abs() > 1e-12
+        from_apg = update / torch.where(safe, b, torch.ones_like(b))
+        guided = cond[:, :g] + (cfg_scale - 1) * torch.where(safe, from_apg, cond[:, :g] - uncond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)
 
     return model_fn
+
+
+# sample() options a run records as TrainConfig fields `sample_<option>` (sampler, steps, cfg_scale have
+# their own older names), so that sampling a run without flags uses them.
+RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentum")
+
+
+def recorded_options(train_config: Any) -> dict[str, Any]:
+    """The `sample()` keyword arguments a run's config (TrainConfig or its dict from run.json) records;
+    unset (None) options are left out, so older runs give {}."""
+    get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
+    options = {k: get(f"sample_{k}") for k in RECORDED_OPTIONS}
+    if options["cfg_interval"] is not None:
+        options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
+    return {k: v for k, v in options.items() if v is not None and not (k == "apg_momentum" and v == 0.0)}
+
+
+def check_recorded_options(train_config: Any) -> None:
+    """ValueError naming the field when a recorded sampling option cannot work."""
+    o = recorded_options(train_config)
+    lo_hi = o.get("cfg_interval")
+    if lo_hi is not None and (len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0):
+        raise ValueError(f"sample_cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(lo_hi)}")
+    for key in ("shift", "apg_norm"):
+        if o.get(key) is not None and o[key] <= 0:
+            raise ValueError(f"sample_{key} must be > 0, got {o[key]}")
 
 
 def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
@@ -69,8 +153,15 @@ def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]
     raise ValueError(f"objective must be a GaussianDiffusion or FlowMatching, got {type(objective).__name__}")
 
 
+def shifted_gaussian_steps(num_timesteps: int, steps: int, shift: float) -> list[int]:
+    """`steps` base timesteps spread by the flow resolution shift: fractions u evenly spaced in [0, 1],
+    mapped to shift_time(u) * (T - 1) and rounded (duplicates merged, so a strong shift can keep fewer)."""
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    return sorted({int(round(float(v))) for v in shift_time(u, shift) * (num_timesteps - 1)})
+
+
 def sampling_schedule(objective: GaussianDiffusion | FlowMatching, sampler: str | None,
-                      steps: int | None) -> tuple[str, GaussianDiffusion | FlowMatching, int]:
+                      steps: int | None, shift: float | None = None) -> tuple[str, GaussianDiffusion | FlowMatching, int]:
     """What `sample` runs for `sampler` and `steps` (arguments as there): the sampler's name, the objective
     (a Gaussian one respaced) and the number of steps, so that callers can address the loop's levels
     (see `sampling_levels`)."""
@@ -81,10 +172,17 @@ def sampling_schedule(objective: GaussianDiffusion | FlowMatching, sampler: str 
                          f"expected one of {', '.join(allowed)}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift is not None and shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
     if isinstance(objective, FlowMatching):
         return sampler, objective, steps or DEFAULT_STEPS[sampler]
     diffusion = objective
-    if steps is not None or objective.num_timesteps == objective.original_num_steps:
+    if shift is not None and shift != 1.0:
+        T = objective.original_num_steps
+        keep = shifted_gaussian_steps(T, steps or DEFAULT_STEPS[sampler], shift)
+        diffusion = GaussianDiffusion(objective.base_betas, objective.model_mean_type, objective.model_var_type,
+                                      objective.loss_type, keep)
+    elif steps is not None or objective.num_timesteps == objective.original_num_steps:
         n = steps or DEFAULT_STEPS[sampler]
         diffusion = objective.respace(ddim_respacing(n, objective.original_num_steps) if sampler == "ddim" else str(n))
     return sampler, diffusion, diffusion.num_timesteps
@@ -95,7 +193,9 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
            steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, *, guided_channels: int | None = None, null_label: int | None = None,
            noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None, start_step: int = 0,
-           step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
+           step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1,
+           guide_model: Callable[..., Tensor] | None = None, apg_eta: float | None = None,
+           apg_norm: float | None = None, apg_momentum: float = 0.0, shift: float | None = None) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -108,6 +208,15 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     flow: t), where guidance applies; outside it one conditional call per step. guided_channels: how
     many prediction channels to guide (default all C; learned-variance channels are never guided).
     null_label: the unconditional label when the model has no `num_classes` attribute.
+    guide_model: autoguidance: guide against this weaker model's conditional prediction (same call
+    signature; e.g. an early EMA checkpoint of the same run) instead of the unconditional one; cfg_scale
+    is then the autoguidance weight. guide_model is model gives plain conditional sampling.
+    apg_eta: adaptive projected guidance with this weight on the parallel component (None: plain CFG; 0 is
+    the paper's choice); apg_norm caps the update's norm per sample, apg_momentum (e.g. -0.5) adds
+    the paper's reverse momentum. Both apply to the denoised image.
+    shift: the time shift of the step grid, t' = s t / (1 + (s - 1) t) (flow: the grid's times; Gaussian:
+    the kept steps' fractions of T); s > 1 spends more steps near noise, s < 1 near the data; None: the
+    objective's own (flow) or an even grid (Gaussian).
     noise, step_noises: the start and the per-step noises (one per step, stochastic samplers), to replay
     a run; otherwise everything is drawn from `generator`.
     start_step, step_hook, jump_length, jump_n_sample: for editing (`ditkit.editing`): skip the noisiest
@@ -116,7 +225,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     """
     shape = tuple(shape)
     C = shape[1] if len(shape) > 1 else 0
-    sampler, schedule, n = sampling_schedule(objective, sampler, steps)
+    sampler, schedule, n = sampling_schedule(objective, sampler, steps, shift)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (N, C, ...) with positive sizes, got {shape}")
     if cfg_interval is not None and not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
@@ -128,21 +237,26 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     device = y.device if y is not None else noise.device if noise is not None else _model_device(model)
     null_value = getattr(model, "num_classes", null_label)
     null = None if null_value is None else torch.full((shape[0],), null_value, dtype=torch.long, device=device)
+    autoguided = guide_model is not None  # guides against the weak model: needs neither labels nor a null label
     if y is None:
         y = null  # unconditional: the null label, or no label at all
-        if cfg_scale != 1.0:
-            raise ValueError("cfg_scale != 1 needs class labels y")
+        if cfg_scale != 1.0 and not autoguided:
+            raise ValueError("cfg_scale != 1 needs class labels y (or a guide_model)")
     else:
         if y.shape != (shape[0],):
             raise ValueError(f"y must hold one label per sample, shape ({shape[0]},), got {tuple(y.shape)}")
-        if cfg_scale != 1.0 and null is None:
+        if cfg_scale != 1.0 and null is None and not autoguided:
             raise ValueError("classifier-free guidance needs a null label: the model has no num_classes, "
                              "so pass null_label=")
-    model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction)
+    if apg_norm is not None and apg_norm <= 0:
+        raise ValueError(f"apg_norm must be > 0, got {apg_norm}")
+    model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction,
+                            guide_model=guide_model, apg_eta=apg_eta, apg_norm=apg_norm, apg_momentum=apg_momentum,
+                            x0_coefficients=objective.x0_coefficients)
 
     common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator,
                   start_step=start_step, step_hook=step_hook, jump_length=jump_length, jump_n_sample=jump_n_sample)
     if isinstance(schedule, FlowMatching):
-        return schedule.sample_loop(model_fn, shape, noise, sampler=sampler, steps=n, **common)
+        return schedule.sample_loop(model_fn, shape, noise, sampler=sampler, steps=n, shift=shift, **common)
     loop = schedule.p_sample_loop if sampler == "ddpm" else schedule.ddim_sample_loop
     return loop(model_fn, shape, noise, clip_denoised=False, **common)

@@ -43,6 +43,7 @@ class TrainConfig:
     # objective
     objective: str = "flow"             # "flow" (rectified flow) or "ddpm" (Gaussian, learned sigma)
     timestep_sampling: str = "logit_normal"  # flow only: "uniform" | "logit_normal"
+    velocity_cosine_weight: float = 0.0  # issue 14: flow only, weight of the 1 - cos(v, target) loss term
     # optimisation
     steps: int = 1200
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
@@ -54,6 +55,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
+    ema_std: float | None = None        # issue 14: EDM2 power-function EMA of this relative std (replaces ema_decay)
     precision: str = "bf16"             # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
     compile: bool = False
     grad_checkpoint: bool = False
@@ -71,6 +73,12 @@ class TrainConfig:
     sample_steps: int | None = 20       # None: the sampler's default
     cfg_scale: float = 4.0
     samples_per_class: int = 8
+    # issue 14: more of sample()'s options, recorded so that sampling a run uses them (sample_<kwarg>)
+    sample_cfg_interval: list[float] | None = None  # issue 14: (lo, hi) flow-time fraction where CFG applies
+    sample_shift: float | None = None   # issue 14: time shift of the sampling grid (None: plain grid)
+    sample_apg_eta: float | None = None  # issue 14: adaptive projected guidance, parallel weight (None: CFG)
+    sample_apg_norm: float | None = None  # issue 14: APG norm cap
+    sample_apg_momentum: float = 0.0    # issue 14: APG reverse momentum
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +88,7 @@ class TrainConfig:
     def identity_keys() -> tuple[str, ...]:
         return ("data", "image_size", "channels", "unconditional", "model", "hidden_size", "depth", "num_heads",
                 "patch_size", "mlp_ratio", "block", "class_dropout_prob", "model_args", "objective",
-                "timestep_sampling", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
+                "timestep_sampling", "velocity_cosine_weight", "ema_std", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "steps",
                 "grad_clip", "ema_decay", "ema_warmup", "precision", "seed", "fsdp", "frames", "data_args",
                 "patch_t", "attention", "control", "base",
                 "control_blocks", "text_model", "text_encoder", "text_max_length")
@@ -102,7 +110,7 @@ def parse_value(key: str, text: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} expects true or false, got {text!r}")
-    if kind.startswith("dict"):
+    if kind.startswith(("dict", "list")):
         return json.loads(text)
     for cast, name in ((int, "int"), (float, "float")):
         if kind.startswith(name):
@@ -169,6 +177,9 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0, got {c.lr}")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+    from ditkit.sampling import check_recorded_options  # issue 14
+
+    check_recorded_options(c)
     if c.text_model not in ("mmdit", "pixart"):
         raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
     if (c.control is None) != (c.base is None):

@@ -29,7 +29,7 @@ from ditkit.data.conditions import make_condition
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.prompts import PromptTable
-from ditkit.sampling import sample
+from ditkit.sampling import recorded_options, sample
 from ditkit.text import TextEncoder, load_text_encoder
 from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
@@ -59,11 +59,11 @@ def build_dataset(c: TrainConfig, split: str = "train") -> ImageDataset:
                         unconditional=c.unconditional, frames=c.frames, **c.data_args)
 
 
-def build_objective(objective: str, timestep_sampling: str = "logit_normal"):
+def build_objective(objective: str, timestep_sampling: str = "logit_normal", cosine_weight: float = 0.0):
     """"flow": rectified flow (velocity prediction); "ddpm": the original DiT recipe (1000 linear-beta
     steps, epsilon prediction, learned sigma, hybrid loss)."""
     if objective == "flow":
-        return FlowMatching(timestep_sampling=timestep_sampling)
+        return FlowMatching(timestep_sampling=timestep_sampling, cosine_weight=cosine_weight)
     if objective == "ddpm":
         return create_diffusion("", learn_sigma=True)
     raise ValueError(f"unknown objective {objective!r}: expected flow or ddpm")
@@ -225,7 +225,7 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
         ema_model = ema_model.bind(make_condition(c.control, real.to(device)).repeat(R, 1, 1, 1))
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
-                        sampler=c.sampler, generator=generator, progress=False)
+                        sampler=c.sampler, generator=generator, progress=False, **recorded_options(c))
     if isinstance(data, LatentDataset):
         real, images = data.decode(real, device).cpu(), data.decode(images, device)
     images = images.float().clamp(-1, 1).cpu()
@@ -275,7 +275,7 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     if data.captions is not None:  # text-to-image: distinct captions become labels, each encoded once
         data = data.captions_as_labels()
         encoder = load_text_encoder(c.text_encoder, c.text_max_length)
-    objective = build_objective(c.objective, c.timestep_sampling)
+    objective = build_objective(c.objective, c.timestep_sampling, c.velocity_cosine_weight)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     base_dir = ckpt.resolve_checkpoint(c.base) if c.control else None
     if base_dir:
@@ -284,7 +284,7 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         model = build_text_model(c, data, encoder) if encoder else build_model(c, data)
     model = model.to(device)
     model.grad_checkpointing = c.grad_checkpoint
-    ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup)
+    ema = EMA(model, decay=c.ema_decay, warmup=c.ema_warmup, power_std=c.ema_std)
     # what checkpoints hold: the model, or only the control branch (the base is referenced by run.json)
     saved, saved_ema = (model.branch, ema.model.branch) if c.control else (model, ema.model)
     if encoder:  # the text model alone: its prompt table is rebuilt from the captions in run.json

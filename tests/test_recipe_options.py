@@ -300,3 +300,25 @@ def test_gaussian_sampling_honours_shift():
     three = sample(model, obj, noise.shape, y=y, steps=6, sampler="ddim", noise=noise, progress=False, shift=3.0)
     assert torch.equal(plain.float(), one.float()) or math.isclose(float((plain - one).abs().max()), 0.0, abs_tol=1e-6)
     assert not torch.allclose(plain, three, atol=1e-4)
+
+
+def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
+    from ditkit.pipeline import load_pipeline
+    from ditkit.train import train
+    from ditkit.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    c = build_config(None, {"out": str(run)}, [
+        "data=patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=2",
+        "batch_size=8", "steps=4", "save_every=4", "warmup_steps=1", "samples_per_class=1", "sample_steps=2",
+        "precision=fp32", "sample_guide_step=2", "sample_guide_unconditional=true", "sample_cfg_interval=[0.1, 0.9]",
+        'model_args={"mlp": "swiglu", "pos_embed": "rope"}', "velocity_cosine_weight=0.5", "ema_std=0.1"])
+    train(c, progress=False)
+    pipe = load_pipeline(run)
+    assert pipe.guide is not None and pipe.model.config["mlp"] == "swiglu"
+    # the guide is the EMA at step 2, not the final one
+    final = ckpt.load_weights(ckpt.latest_checkpoint(run), "ema.safetensors")
+    assert not all(torch.equal(v, final[k]) for k, v in pipe.guide.state_dict().items())
+    assert recorded_options(pipe.info["train_config"]) == {"cfg_interval": (0.1, 0.9), "guide_unconditional": True}
+    with pytest.raises(ValueError, match="sample_guide_step"):
+        build_config(None, {}, ["steps=10", "sample_guide_step=10"])

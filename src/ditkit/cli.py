@@ -112,6 +112,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
         options = {} if args.paper else recorded_options(pipe.info.get("train_config", {}))  # issue 14
+        guide = load_pipeline(args.guide_ckpt, device=device).model if args.guide_ckpt else pipe.guide
+        if guide is not None and not args.paper:
+            options["guide_model"] = guide
         raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
                      steps=steps, sampler=sampler, generator=generator, guided_channels=guided, **options)
     images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()
@@ -314,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
     p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guide-ckpt", help="autoguidance: guide with this weaker run or checkpoint (EMA weights), "
+                   "e.g. an early checkpoint of the same run; --cfg is then its weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "

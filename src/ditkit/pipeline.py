@@ -14,6 +14,7 @@ from ditkit.data.latents import load_latent_space
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.prompts import PromptTable
+from ditkit.sampling import load_guide
 from ditkit.train import checkpoint as ckpt
 from ditkit.train.trainer import build_objective
 
@@ -26,6 +27,7 @@ class Pipeline:
     objective: Any
     info: dict[str, Any]
     vae: str | None = None  # the diffusers AutoencoderKL that decodes a latent model's samples
+    guide: Any = None  # issue 14: the run's autoguidance model (sample(..., guide_model=guide)), if it records one
 
     @property
     def num_classes(self) -> int:
@@ -69,7 +71,8 @@ def load_pipeline(path: str | os.PathLike, ema: bool = True, device: str | torch
         model = model_class.from_pretrained(path, weights_name=weights).to(device).eval()
     config = info.get("train_config", {})
     objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"))
-    return Pipeline(model=model, objective=objective, info=info, vae=vae or info.get("vae"))
+    guide = load_guide(path.parent.parent, config, device) if model_type == DiT.__name__ else None  # issue 14
+    return Pipeline(model=model, objective=objective, info=info, vae=vae or info.get("vae"), guide=guide)
 
 
 def load_control(path: Path, weights: str, info: dict[str, Any], device: str | torch.device) -> ControlDiT:

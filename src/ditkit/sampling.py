@@ -15,6 +15,7 @@ Two variants change what guidance pushes against or how:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
                  cfg_interval: tuple[float, float] | None, guided_channels: int,
                  time_fraction: Callable[[Tensor], Tensor], *, guide_model: Callable[..., Tensor] | None = None,
                  apg_eta: float | None = None, apg_norm: float | None = None, apg_momentum: float = 0.0,
+                 guide_unconditional: bool = False,
                  x0_coefficients: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
                  ) -> Callable[[Tensor, Tensor], Tensor]:
     """`model_fn(x, t)` for a sampler: the conditional prediction, guided where guidance applies.
@@ -98,7 +100,7 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
         if not guide:
             return call(model, x, t, y)
         if guide_model is not None:
-            cond, uncond = call(model, x, t, y), call(guide_model, x, t, y)
+            cond, uncond = call(model, x, t, y), call(guide_model, x, t, null if guide_unconditional else y)
         else:
             cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype).chunk(2)
         if apg_eta is None:
@@ -120,7 +122,8 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
 
 # sample() options a run records as TrainConfig fields `sample_<option>` (sampler, steps, cfg_scale have
 # their own older names), so that sampling a run without flags uses them.
-RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentum")
+RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentum", "guide_unconditional")
+GUIDE_DIR = "guide"  # a run's autoguidance model (the EMA weights at sample_guide_step), beside checkpoints/
 
 
 def recorded_options(train_config: Any) -> dict[str, Any]:
@@ -130,7 +133,24 @@ def recorded_options(train_config: Any) -> dict[str, Any]:
     options = {k: get(f"sample_{k}") for k in RECORDED_OPTIONS}
     if options["cfg_interval"] is not None:
         options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
-    return {k: v for k, v in options.items() if v is not None and not (k == "apg_momentum" and v == 0.0)}
+    return {k: v for k, v in options.items() if v is not None and v is not False
+            and not (k == "apg_momentum" and v == 0.0)}
+
+
+def load_guide(run_dir: str | Path, train_config: Any, device: str | torch.device = "cpu") -> Any:
+    """The autoguidance model a run records (`sample_guide_step`: its EMA weights at that step, saved by the
+    trainer in RUN/guide/), or None when it records none. ValueError when it records one that is missing."""
+    get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
+    step = get("sample_guide_step")
+    if step is None:
+        return None
+    path = Path(run_dir) / GUIDE_DIR
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the run samples with autoguidance by its step-{step} weights, but {path} is missing "
+                         f"(it is written when training passes step {step})")
+    from ditkit.models import DiT
+
+    return DiT.from_pretrained(path).to(device).eval()
 
 
 def check_recorded_options(train_config: Any) -> None:
@@ -142,6 +162,10 @@ def check_recorded_options(train_config: Any) -> None:
     for key in ("shift", "apg_norm"):
         if o.get(key) is not None and o[key] <= 0:
             raise ValueError(f"sample_{key} must be > 0, got {o[key]}")
+    get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
+    step, steps = get("sample_guide_step"), get("steps")
+    if step is not None and not 1 <= step < steps:
+        raise ValueError(f"sample_guide_step must be in 1..{steps - 1} (before the last step), got {step}")
 
 
 def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
@@ -195,7 +219,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
            noise: Tensor | None = None, step_noises: Sequence[Tensor] | None = None, start_step: int = 0,
            step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1,
            guide_model: Callable[..., Tensor] | None = None, apg_eta: float | None = None,
-           apg_norm: float | None = None, apg_momentum: float = 0.0, shift: float | None = None) -> Tensor:
+           apg_norm: float | None = None, apg_momentum: float = 0.0, shift: float | None = None,
+           guide_unconditional: bool = False) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -211,6 +236,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     guide_model: autoguidance: guide against this weaker model's conditional prediction (same call
     signature; e.g. an early EMA checkpoint of the same run) instead of the unconditional one; cfg_scale
     is then the autoguidance weight. guide_model is model gives plain conditional sampling.
+    guide_unconditional: call the guide with the null label: CFG against a weaker unconditional model,
+    which pushes away from both the other classes and the weak model's errors.
     apg_eta: adaptive projected guidance with this weight on the parallel component (None: plain CFG; 0 is
     the paper's choice); apg_norm caps the update's norm per sample, apg_momentum (e.g. -0.5) adds
     the paper's reverse momentum. Both apply to the denoised image.
@@ -237,7 +264,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     device = y.device if y is not None else noise.device if noise is not None else _model_device(model)
     null_value = getattr(model, "num_classes", null_label)
     null = None if null_value is None else torch.full((shape[0],), null_value, dtype=torch.long, device=device)
-    autoguided = guide_model is not None  # guides against the weak model: needs neither labels nor a null label
+    autoguided = guide_model is not None and not guide_unconditional  # needs neither labels nor a null label
     if y is None:
         y = null  # unconditional: the null label, or no label at all
         if cfg_scale != 1.0 and not autoguided:
@@ -252,6 +279,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
         raise ValueError(f"apg_norm must be > 0, got {apg_norm}")
     model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction,
                             guide_model=guide_model, apg_eta=apg_eta, apg_norm=apg_norm, apg_momentum=apg_momentum,
+                            guide_unconditional=guide_unconditional,
                             x0_coefficients=objective.x0_coefficients)
 
     common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator,

@@ -79,6 +79,8 @@ class TrainConfig:
     sample_apg_eta: float | None = None  # issue 14: adaptive projected guidance, parallel weight (None: CFG)
     sample_apg_norm: float | None = None  # issue 14: APG norm cap
     sample_apg_momentum: float = 0.0    # issue 14: APG reverse momentum
+    sample_guide_step: int | None = None  # issue 14: autoguidance by the EMA weights of this step (kept in OUT/guide)
+    sample_guide_unconditional: bool = False  # issue 14: call that guide with the null label
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from ditkit.data.conditions import make_condition
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.prompts import PromptTable
-from ditkit.sampling import recorded_options, sample
+from ditkit.sampling import GUIDE_DIR, load_guide, recorded_options, sample
 from ditkit.text import TextEncoder, load_text_encoder
 from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
@@ -225,7 +225,8 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
         ema_model = ema_model.bind(make_condition(c.control, real.to(device)).repeat(R, 1, 1, 1))
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
-                        sampler=c.sampler, generator=generator, progress=False, **recorded_options(c))
+                        sampler=c.sampler, generator=generator, progress=False, **recorded_options(c),
+                        guide_model=load_guide(path.parent, c, device) if step_reached(path.parent, c) else None)
     if isinstance(data, LatentDataset):
         real, images = data.decode(real, device).cpu(), data.decode(images, device)
     images = images.float().clamp(-1, 1).cpu()
@@ -233,6 +234,11 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
         save_gif(path.with_suffix(".gif"), torch.cat([real, images]), nrow=K, scale=2)
         return
     save_comparison(path, real, images.reshape(R, K, *images.shape[1:]))
+
+
+def step_reached(out: Path, c: TrainConfig) -> bool:
+    """Whether the run's autoguidance model (issue 14) exists yet (intermediate grids come before it)."""
+    return c.sample_guide_step is not None and (out / GUIDE_DIR / "config.json").is_file()
 
 
 def autocast(device: torch.device, precision: str):
@@ -408,6 +414,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             skipped += 1
         ema.update(model, step)
         step += 1
+        if step == c.sample_guide_step and dist.is_main:  # issue 14: autoguidance by this early EMA
+            saved_ema.save_pretrained(out / GUIDE_DIR)
         window.append(loss.detach())
 
         if step % c.log_every == 0 or step == c.steps:

@@ -24,22 +24,25 @@ from ditkit.evaluate.classifier import load_classifier
 from ditkit.pipeline import load_pipeline
 from ditkit.train.checkpoint import step_dir
 
-# (label, run name, training overrides of the demo config, sampling options); both cumulative by hand, so
-# each row reads as one change. "guide_step": autoguidance by that step's EMA checkpoint of the same run.
-PAPER = {"velocity_cosine_weight": 0.0, "timestep_sampling": "logit_normal", "model_args": {},
-         "sample_cfg_interval": None, "sample_apg_eta": None, "sample_shift": None, "cfg_scale": 4.0,
-         "ema_std": None}
-ARCH = {"mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True, "pos_embed": "sincos+rope"}
-ROWS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
-    ("demo as it was: DiT blocks, logit-normal t, CFG 4", "paper", {}, {}),
-    ("+ guidance interval t in [0.2, 0.8]", "paper", {}, {"cfg_interval": (0.2, 0.8)}),
-    ("+ adaptive projected guidance (eta 0)", "paper", {}, {"cfg_interval": (0.2, 0.8), "apg_eta": 0.0}),
-    ("+ uniform t (training)", "uniform", {"timestep_sampling": "uniform"},
-     {"cfg_interval": (0.2, 0.8), "apg_eta": 0.0}),
-    ("+ velocity-direction loss, SwiGLU, RMSNorm, RoPE, QK-norm", "lightning",
-     {"timestep_sampling": "uniform", "velocity_cosine_weight": 1.0, "model_args": ARCH},
-     {"cfg_interval": (0.2, 0.8), "apg_eta": 0.0}),
+# (label, run name, training overrides of the demo config, sampling options). Every run trains with the
+# demo config (which keeps its step-400 EMA as the autoguidance model in RUN/guide) plus its overrides; the
+# sampling options of each row are complete (nothing is taken from the run's record). "kept" says whether
+# the change stays in the rows below (a change that did not help is measured and dropped, as LightningDiT's
+# table does).
+PAPER_SAMPLING = dict(cfg_scale=4.0, cfg_interval=None, apg_eta=None, shift=None, guide_model=None,
+                      guide_scale=None, guide_unconditional=False)
+AUTO = dict(PAPER_SAMPLING, cfg_scale=2.0, guide_model="run")
+ROWS: list[tuple[str, bool, str, dict[str, Any], dict[str, Any]]] = [
+    ("demo as it was: DiT blocks, logit-normal t, CFG 4", True, "paper", {}, PAPER_SAMPLING),
+    ("+ guidance interval t in [0.2, 0.8]", False, "paper", {}, dict(PAPER_SAMPLING, cfg_interval=(0.2, 0.8))),
+    ("+ adaptive projected guidance (eta 0)", False, "paper", {}, dict(PAPER_SAMPLING, apg_eta=0.0)),
+    ("+ uniform t (training), autoguidance w 2", False, "uniform", {"timestep_sampling": "uniform"}, AUTO),
+    ("autoguidance (EMA at step 400) w 2 instead of CFG", True, "paper", {}, AUTO),
+    ("autoguidance w 3 by the step-600 EMA", False, "paper", {}, dict(AUTO, cfg_scale=3.0, guide_model=600)),
+    ("guide = weak model's unconditional (w 2)", False, "paper", {}, dict(AUTO, guide_unconditional=True)),
 ]
+TRAIN = {"timestep_sampling": "logit_normal", "velocity_cosine_weight": 0.0, "model_args": {}, "ema_std": None,
+         "sample_guide_step": 400, "save_every": 200, "keep_last": 10}
 
 
 def train_seconds(run: Path) -> float | None:
@@ -60,31 +63,32 @@ def main() -> None:
 
     classifier = load_classifier()
     y, noise = digits(args.n_per_class)
-    print("| # | change | run | train steps | train s | sampling | NFE | accuracy | FD-classifier | FD ratio "
+    print("| # | change | kept | train steps | train s | sampling | NFE | accuracy | FD-classifier | FD ratio "
           "| precision | recall |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, (label, name, train_overrides, options) in enumerate(ROWS):
+    for i, (label, kept, name, train_overrides, options) in enumerate(ROWS):
         if args.rows and i not in args.rows:
             continue
         path = Path(args.runs) / name
-        pipe, _ = trained_run(str(path), {**PAPER, **train_overrides})
+        pipe, _ = trained_run(str(path), {**TRAIN, **train_overrides})
         cfg = pipe.info["train_config"]
         options = dict(options)
-        guide_step = options.pop("guide_step", None)
-        if guide_step is not None:
-            options["guide_model"] = load_pipeline(step_dir(path, guide_step)).model
-        sampling = dict(cfg_interval=None, apg_eta=None, shift=None, **options)  # nothing from the run's record
-        images, nfe, _ = draw(pipe, y, noise, cfg_scale=options.pop("cfg_scale", 4.0),
-                              **{k: v for k, v in sampling.items() if k != "cfg_scale"})
+        guide = options["guide_model"]
+        if guide == "run":  # the run's own guide (older runs: their step-400 checkpoint's EMA, the same weights)
+            options["guide_model"] = pipe.guide or load_pipeline(step_dir(path, TRAIN["sample_guide_step"])).model
+        elif isinstance(guide, int):
+            options["guide_model"] = load_pipeline(step_dir(path, guide)).model
+        images, nfe, _ = draw(pipe, y, noise, **options)
         m = evaluate(images, y, classifier=classifier)
         ratio = m["fd_classifier"] / m["fd_classifier_real_baseline"]
         seconds = train_seconds(path)
-        described = ", ".join(f"{k}={v}" for k, v in options.items() if k != "guide_model") or "-"
-        if guide_step is not None:
-            described += f", guide=EMA@{guide_step}"
-        print(f"| {i} | {label} | {name} | {cfg['steps']} | {seconds:.0f} | {cfg['sampler']} {cfg['sample_steps']}, "
-              f"CFG {sampling.get('cfg_scale', 4.0)}, {described} | {nfe} | {m['accuracy']:.1%} | "
-              f"{m['fd_classifier']:.2f} | {ratio:.1f}x | {m['precision']:.2f} | {m['recall']:.2f} |", flush=True)
+        described = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("guide_model", "cfg_scale")
+                              and v not in (None, False)) or "-"
+        if guide is not None:
+            described += f", guide=EMA@{cfg['sample_guide_step'] if guide == 'run' else guide}"
+        print(f"| {i} | {label} | {'yes' if kept else 'no'} | {cfg['steps']} | {seconds:.0f} | {cfg['sampler']} "
+              f"{cfg['sample_steps']}, w {options['cfg_scale']}, {described} | {nfe} | {m['accuracy']:.1%} | "
+              f"{m['fd_classifier']:.2f} | {ratio:.2f}x | {m['precision']:.2f} | {m['recall']:.2f} |", flush=True)
     print(f"\n{len(y)} samples per row ({args.n_per_class} per class, same noise); real-vs-real FD at this count: "
           f"{m['fd_classifier_real_baseline']:.2f}")
 

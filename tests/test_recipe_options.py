@@ -175,7 +175,9 @@ def test_new_config_fields_round_trip_and_validate():
                                 "velocity_cosine_weight=0.5"])
     assert recorded_options(c) == {"cfg_interval": (0.1, 0.8), "apg_eta": 0.0}
     assert recorded_options(c.to_dict()) == recorded_options(c)
-    assert recorded_options(TrainConfig()) == {} or TrainConfig().sample_cfg_interval is not None
+    unset = TrainConfig(sample_cfg_interval=None, sample_shift=None, sample_apg_eta=None, sample_guide_scale=None,
+                        sample_guide_unconditional=False)
+    assert recorded_options(unset) == {}
     with pytest.raises(ValueError, match="sample_cfg_interval"):
         build_config(None, {}, ["sample_cfg_interval=[0.8, 0.1]"])
     with pytest.raises(ValueError, match="sample_shift"):
@@ -223,6 +225,23 @@ def test_autoguidance_follows_its_formula_and_needs_no_null_label():
                  progress=False)
     torch.testing.assert_close(out, noise - (noise + 2.5 * (noise + 1)))
     assert calls == ["strong", "weak"]
+
+
+def test_cfg_plus_autoguidance_follows_its_formula():
+    def strong(x, t, y):
+        return 2 * x + 1 + y.view(-1, 1, 1, 1).float()
+
+    def weak(x, t, y):
+        return x + 0.5 * y.view(-1, 1, 1, 1).float()
+    noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(11)), torch.tensor([0, 3])
+    out = sample(strong, FlowMatching(), noise.shape, y=y, cfg_scale=2.0, guide_model=weak, guide_scale=3.0,
+                 noise=noise, steps=1, sampler="euler", progress=False, null_label=5)
+    cond, uncond, bad = strong(noise, None, y), strong(noise, None, torch.full_like(y, 5)), weak(noise, None, y)
+    v = uncond + 2.0 * (cond - uncond) + (3.0 - 1) * (cond - bad)
+    torch.testing.assert_close(out, noise - v)
+    with pytest.raises(ValueError, match="guide_scale"):
+        sample(strong, FlowMatching(), noise.shape, y=y, cfg_scale=2.0, guide_scale=3.0, noise=noise, steps=1,
+               progress=False, null_label=5)
 
 
 def test_apg_update_formula_on_a_constructed_case():

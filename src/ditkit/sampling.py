@@ -74,7 +74,7 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
                  cfg_interval: tuple[float, float] | None, guided_channels: int,
                  time_fraction: Callable[[Tensor], Tensor], *, guide_model: Callable[..., Tensor] | None = None,
                  apg_eta: float | None = None, apg_norm: float | None = None, apg_momentum: float = 0.0,
-                 guide_unconditional: bool = False,
+                 guide_unconditional: bool = False, guide_scale: float | None = None,
                  x0_coefficients: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
                  ) -> Callable[[Tensor, Tensor], Tensor]:
     """`model_fn(x, t)` for a sampler: the conditional prediction, guided where guidance applies.
@@ -87,6 +87,8 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
     """
     g = guided_channels
     state: dict[str, Tensor | None] = {"running": None}
+    if guide_scale is not None and guide_model is None:
+        raise ValueError("guide_scale is the weight of autoguidance: it needs a guide_model")
 
     def call(net: Callable[..., Tensor], x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         return (net(x, t) if labels is None else net(x, t, labels)).to(x.dtype)
@@ -97,6 +99,12 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
             frac = float(time_fraction(t[0]))
             guide = cfg_interval[0] <= frac <= cfg_interval[1]
         # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
+        if guide_scale is not None:  # both: CFG (where it applies) plus autoguidance everywhere
+            out = plain_guided(x, t) if guide else call(model, x, t, y)
+            cond = call(model, x, t, y) if guide else out
+            weak = call(guide_model, x, t, null if guide_unconditional else y)
+            auto = (guide_scale - 1) * (cond[:, :g] - weak[:, :g])
+            return torch.cat([out[:, :g] + auto, out[:, g:]], dim=1)
         if not guide:
             return call(model, x, t, y)
         if guide_model is not None:
@@ -117,12 +125,16 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
         guided = cond[:, :g] + (cfg_scale - 1) * torch.where(safe, from_apg, cond[:, :g] - uncond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)
 
+    if guide_scale is not None:  # CFG (or APG) as without a guide, for the combined form above
+        plain_guided = guided_model(model, y, null, cfg_scale, None, g, time_fraction, apg_eta=apg_eta,
+                                    apg_norm=apg_norm, apg_momentum=apg_momentum, x0_coefficients=x0_coefficients)
     return model_fn
 
 
 # sample() options a run records as TrainConfig fields `sample_<option>` (sampler, steps, cfg_scale have
 # their own older names), so that sampling a run without flags uses them.
-RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentum", "guide_unconditional")
+RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentum", "guide_unconditional",
+                    "guide_scale")
 GUIDE_DIR = "guide"  # a run's autoguidance model (the EMA weights at sample_guide_step), beside checkpoints/
 
 
@@ -220,7 +232,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
            step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1,
            guide_model: Callable[..., Tensor] | None = None, apg_eta: float | None = None,
            apg_norm: float | None = None, apg_momentum: float = 0.0, shift: float | None = None,
-           guide_unconditional: bool = False) -> Tensor:
+           guide_unconditional: bool = False, guide_scale: float | None = None) -> Tensor:
     """Draw samples of `shape` (N, C, H, W) from `model(x, t, y)` under either objective.
 
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50),
@@ -238,6 +250,8 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     is then the autoguidance weight. guide_model is model gives plain conditional sampling.
     guide_unconditional: call the guide with the null label: CFG against a weaker unconditional model,
     which pushes away from both the other classes and the weak model's errors.
+    guide_scale: use both: pred = CFG(cfg_scale, cfg_interval) + (guide_scale - 1) (cond - guide), the
+    autoguidance term at every step (one more model call per step).
     apg_eta: adaptive projected guidance with this weight on the parallel component (None: plain CFG; 0 is
     the paper's choice); apg_norm caps the update's norm per sample, apg_momentum (e.g. -0.5) adds
     the paper's reverse momentum. Both apply to the denoised image.
@@ -264,7 +278,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     device = y.device if y is not None else noise.device if noise is not None else _model_device(model)
     null_value = getattr(model, "num_classes", null_label)
     null = None if null_value is None else torch.full((shape[0],), null_value, dtype=torch.long, device=device)
-    autoguided = guide_model is not None and not guide_unconditional  # needs neither labels nor a null label
+    autoguided = guide_model is not None and not guide_unconditional and guide_scale is None  # no null label needed
     if y is None:
         y = null  # unconditional: the null label, or no label at all
         if cfg_scale != 1.0 and not autoguided:
@@ -279,7 +293,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
         raise ValueError(f"apg_norm must be > 0, got {apg_norm}")
     model_fn = guided_model(model, y, null, cfg_scale, cfg_interval, g, objective.time_fraction,
                             guide_model=guide_model, apg_eta=apg_eta, apg_norm=apg_norm, apg_momentum=apg_momentum,
-                            guide_unconditional=guide_unconditional,
+                            guide_unconditional=guide_unconditional, guide_scale=guide_scale,
                             x0_coefficients=objective.x0_coefficients)
 
     common = dict(device=device, progress=progress, step_noises=step_noises, generator=generator,

@@ -81,6 +81,7 @@ class TrainConfig:
     sample_apg_momentum: float = 0.0    # issue 14: APG reverse momentum
     sample_guide_step: int | None = None  # issue 14: autoguidance by the EMA weights of this step (kept in OUT/guide)
     sample_guide_unconditional: bool = False  # issue 14: call that guide with the null label
+    sample_guide_scale: float | None = None  # issue 14: autoguidance weight on top of CFG (None: cfg_scale is it)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

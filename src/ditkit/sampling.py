@@ -93,27 +93,11 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
     def call(net: Callable[..., Tensor], x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         return (net(x, t) if labels is None else net(x, t, labels)).to(x.dtype)
 
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        guide = cfg_scale != 1.0
-        if guide and cfg_interval is not None:
-            frac = float(time_fraction(t[0]))
-            guide = cfg_interval[0] <= frac <= cfg_interval[1]
-        # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
-        if guide_scale is not None:  # both: CFG (where it applies) plus autoguidance everywhere
-            out = plain_guided(x, t) if guide else call(model, x, t, y)
-            cond = call(model, x, t, y) if guide else out
-            weak = call(guide_model, x, t, null if guide_unconditional else y)
-            auto = (guide_scale - 1) * (cond[:, :g] - weak[:, :g])
-            return torch.cat([out[:, :g] + auto, out[:, g:]], dim=1)
-        if not guide:
-            return call(model, x, t, y)
-        if guide_model is not None:
-            cond, uncond = call(model, x, t, y), call(guide_model, x, t, null if guide_unconditional else y)
-        else:
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype).chunk(2)
+    def guided(x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
+        """CFG (or APG) from the two predictions; unguided channels are the conditional ones."""
         if apg_eta is None:
-            guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
-            return torch.cat([guided, cond[:, g:]], dim=1)
+            out = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+            return torch.cat([out, cond[:, g:]], dim=1)
         a, b = (c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) for c in x0_coefficients(t))
         denoised_cond = a * x[:, :g] + b * cond[:, :g]
         update, state["running"] = apg_update(b * (cond[:, :g] - uncond[:, :g]), denoised_cond, apg_eta, apg_norm,
@@ -122,12 +106,31 @@ def guided_model(model: Callable[..., Tensor], y: Tensor | None, null: Tensor | 
         # move the denoised image and plain CFG is used)
         safe = b.abs() > 1e-12
         from_apg = update / torch.where(safe, b, torch.ones_like(b))
-        guided = cond[:, :g] + (cfg_scale - 1) * torch.where(safe, from_apg, cond[:, :g] - uncond[:, :g])
-        return torch.cat([guided, cond[:, g:]], dim=1)
+        out = cond[:, :g] + (cfg_scale - 1) * torch.where(safe, from_apg, cond[:, :g] - uncond[:, :g])
+        return torch.cat([out, cond[:, g:]], dim=1)
 
-    if guide_scale is not None:  # CFG (or APG) as without a guide, for the combined form above
-        plain_guided = guided_model(model, y, null, cfg_scale, None, g, time_fraction, apg_eta=apg_eta,
-                                    apg_norm=apg_norm, apg_momentum=apg_momentum, x0_coefficients=x0_coefficients)
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        guide = cfg_scale != 1.0
+        if guide and cfg_interval is not None:
+            frac = float(time_fraction(t[0]))
+            guide = cfg_interval[0] <= frac <= cfg_interval[1]
+        # outputs are cast to x's dtype so that guidance and sampler maths stay in full precision under autocast
+        if guide_scale is not None:  # both: CFG (where it applies) plus autoguidance at every step
+            if guide:
+                cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype).chunk(2)
+                out = guided(x, t, cond, uncond)
+            else:
+                cond = out = call(model, x, t, y)
+            weak = call(guide_model, x, t, null if guide_unconditional else y)
+            return torch.cat([out[:, :g] + (guide_scale - 1) * (cond[:, :g] - weak[:, :g]), out[:, g:]], dim=1)
+        if not guide:
+            return call(model, x, t, y)
+        if guide_model is not None:
+            cond, uncond = call(model, x, t, y), call(guide_model, x, t, null if guide_unconditional else y)
+        else:
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype).chunk(2)
+        return guided(x, t, cond, uncond)
+
     return model_fn
 
 

@@ -50,7 +50,7 @@ def draw(pipe: Pipeline, y: torch.Tensor, noise: torch.Tensor, sampler: str | No
     to the pipeline's; `options` (sample() keywords) override the recorded ones. Returns the images in
     [-1, 1], the NFE of one trajectory (a guide model's calls included) and the seconds taken."""
     cfg = pipe.info["train_config"]
-    options = {**recorded_options(cfg), **({"guide_model": pipe.guide} if pipe.guide is not None else {}), **options}
+    options = {**recorded_options(cfg, pipe.guide), **options}
     counted = CountingModel(model or pipe.model)
     if options.get("guide_model") is not None:  # the guide's calls count too
         options["guide_model"] = CountingModel(options["guide_model"], counter=counted)

@@ -16,6 +16,8 @@ from ditkit.sampling import apg_update, recorded_options, sample, shifted_gaussi
 from ditkit.train.config import TrainConfig, build_config
 from ditkit.train.ema import EMA, power_ema_gamma
 
+TINY_ARGS = ["data=patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=2",
+             "batch_size=8", "save_every=4", "warmup_steps=1", "samples_per_class=1", "sample_steps=2", "precision=fp32"]
 SMALL = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3)
 
 
@@ -173,7 +175,10 @@ def test_power_ema_gamma_and_closed_form_average():
 def test_new_config_fields_round_trip_and_validate():
     c = build_config(None, {}, ["sample_cfg_interval=[0.1, 0.8]", "sample_apg_eta=0", "ema_std=0.1",
                                 "velocity_cosine_weight=0.5"])
-    assert recorded_options(c) == {"cfg_interval": (0.1, 0.8), "apg_eta": 0.0}
+    assert recorded_options(c) == {"cfg_interval": (0.1, 0.8), "apg_eta": 0.0}  # no guide: no guide options
+    guide = object()
+    assert recorded_options(c, guide) == {"cfg_interval": (0.1, 0.8), "apg_eta": 0.0, "guide_scale": 2.0,
+                                          "guide_model": guide}
     assert recorded_options(c.to_dict()) == recorded_options(c)
     unset = TrainConfig(sample_cfg_interval=None, sample_shift=None, sample_apg_eta=None, sample_guide_scale=None,
                         sample_guide_unconditional=False)
@@ -327,10 +332,7 @@ def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
     from ditkit.train import checkpoint as ckpt
 
     run = tmp_path / "run"
-    c = build_config(None, {"out": str(run)}, [
-        "data=patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=2",
-        "batch_size=8", "steps=4", "save_every=4", "warmup_steps=1", "samples_per_class=1", "sample_steps=2",
-        "precision=fp32", "sample_guide_step=2", "sample_guide_unconditional=true", "sample_cfg_interval=[0.1, 0.9]",
+    c = build_config(None, {"out": str(run)}, [*TINY_ARGS, "steps=4", "sample_guide_step=2", "sample_guide_unconditional=true", "sample_cfg_interval=[0.1, 0.9]",
         'model_args={"mlp": "swiglu", "pos_embed": "rope"}', "velocity_cosine_weight=0.5", "ema_std=0.1"])
     train(c, progress=False)
     pipe = load_pipeline(run)
@@ -338,6 +340,10 @@ def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
     # the guide is the EMA at step 2, not the final one
     final = ckpt.load_weights(ckpt.latest_checkpoint(run), "ema.safetensors")
     assert not all(torch.equal(v, final[k]) for k, v in pipe.guide.state_dict().items())
-    assert recorded_options(pipe.info["train_config"]) == {"cfg_interval": (0.1, 0.9), "guide_unconditional": True}
+    assert recorded_options(pipe.info["train_config"], pipe.guide) == {
+        "cfg_interval": (0.1, 0.9), "guide_unconditional": True, "guide_scale": 2.0, "guide_model": pipe.guide}
     with pytest.raises(ValueError, match="sample_guide_step"):
-        build_config(None, {}, ["steps=10", "sample_guide_step=10"])
+        build_config(None, {}, ["sample_guide_step=0"])
+    short = tmp_path / "short"  # a run shorter than the guide step samples without a guide, silently
+    train(build_config(None, {"out": str(short)}, [*TINY_ARGS, "steps=2", "sample_guide_step=400"]), progress=False)
+    assert load_pipeline(short).guide is None and not (short / "guide").exists()

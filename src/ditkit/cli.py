@@ -111,10 +111,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     H, W = model.input_size
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.autocast("cuda", dtype=torch.float16) if args.half else contextlib.nullcontext():
-        options = {} if args.paper else recorded_options(pipe.info.get("train_config", {}))  # issue 14
-        guide = load_pipeline(args.guide_ckpt, device=device).model if args.guide_ckpt else pipe.guide
-        if guide is not None and not args.paper:
-            options["guide_model"] = guide
+        guide = load_pipeline(args.guide_ckpt, device=device).model if args.guide_ckpt else pipe.guide  # issue 14
+        options = {} if args.paper else recorded_options(pipe.info.get("train_config", {}), guide)
         raw = sample(model, pipe.objective, (len(y), C, *frames, H, W), y=y, cfg_scale=cfg if conditional else 1.0,
                      steps=steps, sampler=sampler, generator=generator, guided_channels=guided, **options)
     images = raw.float().cpu() if latents_only else pipe.decode(raw).cpu()

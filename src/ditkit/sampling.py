@@ -14,6 +14,7 @@ Two variants change what guidance pushes against or how:
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,28 +142,33 @@ RECORDED_OPTIONS = ("cfg_interval", "shift", "apg_eta", "apg_norm", "apg_momentu
 GUIDE_DIR = "guide"  # a run's autoguidance model (the EMA weights at sample_guide_step), beside checkpoints/
 
 
-def recorded_options(train_config: Any) -> dict[str, Any]:
+def recorded_options(train_config: Any, guide: Any = None) -> dict[str, Any]:
     """The `sample()` keyword arguments a run's config (TrainConfig or its dict from run.json) records;
-    unset (None) options are left out, so older runs give {}."""
+    unset (None) options are left out, so older runs give {}. `guide`: the run's autoguidance model
+    (`load_guide`), passed on as guide_model; without one the guide options are left out."""
     get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
     options = {k: get(f"sample_{k}") for k in RECORDED_OPTIONS}
     if options["cfg_interval"] is not None:
         options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
-    return {k: v for k, v in options.items() if v is not None and v is not False
-            and not (k == "apg_momentum" and v == 0.0)}
+    options = {k: v for k, v in options.items() if v is not None and v is not False
+               and not (k == "apg_momentum" and v == 0.0)}
+    if guide is None:
+        return {k: v for k, v in options.items() if not k.startswith("guide_")}
+    return {**options, "guide_model": guide}
 
 
 def load_guide(run_dir: str | Path, train_config: Any, device: str | torch.device = "cpu") -> Any:
     """The autoguidance model a run records (`sample_guide_step`: its EMA weights at that step, saved by the
-    trainer in RUN/guide/), or None when it records none. ValueError when it records one that is missing."""
+    trainer in RUN/guide/), or None when it records none (or, with a warning, when the run never got there)."""
     get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
-    step = get("sample_guide_step")
-    if step is None:
+    step, steps = get("sample_guide_step"), get("steps")
+    if step is None or (steps is not None and step >= steps):  # a run shorter than that has no guide
         return None
     path = Path(run_dir) / GUIDE_DIR
-    if not (path / "config.json").is_file():
-        raise ValueError(f"the run samples with autoguidance by its step-{step} weights, but {path} is missing "
-                         f"(it is written when training passes step {step})")
+    if not (path / "config.json").is_file():  # e.g. a run stopped by its time budget before that step
+        warnings.warn(f"the run records autoguidance by its step-{step} weights, but {path} is missing "
+                      f"(written when training passes step {step}): sampling without it", stacklevel=2)
+        return None
     from ditkit.models import DiT
 
     return DiT.from_pretrained(path).to(device).eval()
@@ -178,9 +184,9 @@ def check_recorded_options(train_config: Any) -> None:
         if o.get(key) is not None and o[key] <= 0:
             raise ValueError(f"sample_{key} must be > 0, got {o[key]}")
     get = train_config.get if isinstance(train_config, dict) else lambda k, d=None: getattr(train_config, k, d)
-    step, steps = get("sample_guide_step"), get("steps")
-    if step is not None and not 1 <= step < steps:
-        raise ValueError(f"sample_guide_step must be in 1..{steps - 1} (before the last step), got {step}")
+    step = get("sample_guide_step")
+    if step is not None and step < 1:
+        raise ValueError(f"sample_guide_step must be >= 1 (or none), got {step}")
 
 
 def samplers_for(objective: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:

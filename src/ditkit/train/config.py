@@ -71,7 +71,7 @@ class TrainConfig:
     # the sample grid written at the end (and every sample_every steps)
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
     sample_steps: int | None = 20       # None: the sampler's default
-    cfg_scale: float = 4.0
+    cfg_scale: float = 3.0              # issue 14: 3 with autoguidance below (was 4 alone; README, recipe ablation)
     samples_per_class: int = 8
     # issue 14: more of sample()'s options, recorded so that sampling a run uses them (sample_<kwarg>)
     sample_cfg_interval: list[float] | None = None  # issue 14: (lo, hi) flow-time fraction where CFG applies
@@ -79,9 +79,9 @@ class TrainConfig:
     sample_apg_eta: float | None = None  # issue 14: adaptive projected guidance, parallel weight (None: CFG)
     sample_apg_norm: float | None = None  # issue 14: APG norm cap
     sample_apg_momentum: float = 0.0    # issue 14: APG reverse momentum
-    sample_guide_step: int | None = None  # issue 14: autoguidance by the EMA weights of this step (kept in OUT/guide)
+    sample_guide_step: int | None = 400  # issue 14: autoguidance by the EMA weights of this step (kept in OUT/guide)
     sample_guide_unconditional: bool = False  # issue 14: call that guide with the null label
-    sample_guide_scale: float | None = None  # issue 14: autoguidance weight on top of CFG (None: cfg_scale is it)
+    sample_guide_scale: float | None = 2.0  # issue 14: autoguidance weight on top of CFG (None: cfg_scale is it)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

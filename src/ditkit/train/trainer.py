@@ -225,8 +225,8 @@ def write_sample_grid(path: Path, ema_model: DiT | ControlDiT | PromptTable, obj
         ema_model = ema_model.bind(make_condition(c.control, real.to(device)).repeat(R, 1, 1, 1))
     with autocast(device, c.precision):
         images = sample(ema_model, objective, shape, y=y, cfg_scale=cfg, steps=c.sample_steps,
-                        sampler=c.sampler, generator=generator, progress=False, **recorded_options(c),
-                        guide_model=load_guide(path.parent, c, device) if step_reached(path.parent, c) else None)
+                        sampler=c.sampler, generator=generator, progress=False,
+                        **recorded_options(c, load_guide(path.parent, c, device) if step_reached(path.parent, c) else None))
     if isinstance(data, LatentDataset):
         real, images = data.decode(real, device).cpu(), data.decode(images, device)
     images = images.float().clamp(-1, 1).cpu()

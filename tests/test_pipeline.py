@@ -49,8 +49,8 @@ def test_an_old_run_resumes_and_extends(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "resuming from step 2" in proc.stdout and "trained 2 steps (steps 3..4)" in proc.stdout
     saved = json.loads((run / "checkpoints" / "step_00000004" / "run.json").read_text())["train_config"]
-    assert saved["sample"] == {"sampler": None, "steps": 2, "cfg_scale": 4.0, "cfg_interval": None, "cache": None,
-                               "precision": None, "compile": False}
+    recorded = {"sampler": None, "steps": 2, "cfg_scale": 4.0, "cfg_interval": None}  # what the old run used
+    assert {k: saved["sample"][k] for k in recorded} == recorded
     assert saved["steps"] == 4 and saved["hidden_size"] == 32  # the rest comes from the run's saved config
 
 
@@ -72,8 +72,8 @@ def test_overrides_and_validation(old):
 def test_a_recorded_option_flows_into_sample(monkeypatch):
     """Every field of the config's `sample` section is passed to ditkit.sample() as it is."""
     c = build_config(None, {}, ["sample.steps=3", "sample.cfg_interval=[0, 0.5]", "cfg_scale=2"])
-    assert c.to_dict()["sample"] == {"sampler": None, "steps": 3, "cfg_scale": 2.0, "cfg_interval": (0.0, 0.5),
-                                     "cache": None, "precision": None, "compile": False}
+    assert {k: c.to_dict()["sample"][k] for k in ("sampler", "steps", "cfg_scale", "cfg_interval")} == {
+        "sampler": None, "steps": 3, "cfg_scale": 2.0, "cfg_interval": (0.0, 0.5)}
     pipe = Pipeline.load(OLD_RUN, device="cpu")
     pipe.info = {**pipe.info, "train_config": {**pipe.info["train_config"], **json.loads(json.dumps(c.to_dict()))}}
     import ditkit.pipeline

@@ -59,6 +59,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     preset.pop("classes", None)
     given = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, cache=args.cache,
                                    precision=args.precision, compile=args.compile).items() if v is not None}
+    if args.guide_ckpt:  # autoguidance by another (weaker) run instead of the run's own guide
+        given["guide_model"] = Pipeline.load(args.guide_ckpt, device=pipe.device).model
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
     samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
                             frames=args.frames, half=args.half, **{**preset, **given})
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: bf16 for a run trained in bf16)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (needs a C++ compiler on the CPU)")
+    p.add_argument("--guide-ckpt", help="autoguidance by this weaker run or checkpoint (EMA weights), e.g. an "
+                   "early checkpoint of the same run, instead of the run's own guide (RUN/guide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "

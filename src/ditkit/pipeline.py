@@ -42,6 +42,7 @@ ARGUMENT_NAMES = {"cfg_scale": "cfg"}
 FALLBACK_SETTINGS = {"sampler": None, "steps": None, "cfg": 1.5, "cfg_interval": None}  # runs that recorded none
 PAPER_PRESET = {"sampler": "ddpm", "steps": 250, "cfg": 4.0, "guided_channels": 3}  # the original sample.py
 PAPER_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # its 8 ImageNet classes
+GUIDE_DIR = "guide"  # a run's autoguidance model (its EMA weights at sample_guide_step), beside checkpoints/
 OUTPUTS = ".png (an image, or a grid), .npz (arrays), DIR/ (one PNG per sample), .gif or .mp4 (video)"
 
 
@@ -66,6 +67,7 @@ class Pipeline:
     info: dict[str, Any]     # the run's run.json
     vae: str | None = None   # the diffusers AutoencoderKL that decodes a latent model's samples
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    guide: Any = None        # the run's autoguidance model (RUN/guide), used where its settings ask for one
 
     # ---- loading and facts ---------------------------------------------------------------------
     @classmethod
@@ -85,7 +87,9 @@ class Pipeline:
             model = classes.get(model_type, DiT).from_pretrained(path, weights_name=weights).to(device).eval()
         config = info.get("train_config", {})
         objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"))
-        return cls(model=model, objective=objective, info=info, vae=vae or info.get("vae"), device=device)
+        guide = load_guide(path.parent.parent, device) if type(model) is DiT else None
+        return cls(model=model, objective=objective, info=info, vae=vae or info.get("vae"), device=device,
+                   guide=guide)
 
     @property
     def kind(self) -> str:
@@ -156,6 +160,8 @@ class Pipeline:
         if unknown and not ANY_OPTION:
             raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}: ditkit.sample() takes "
                              f"{', '.join(sorted(SAMPLE_OPTIONS))}")
+        if s.get("guide_scale") is not None and s.get("guide_model") is None and self.guide is None:
+            s["guide_scale"] = None  # the run's guide model is not there (e.g. it stopped before that step)
         s["sampler"], _, s["steps"] = sampling_schedule(self.objective, s["sampler"], s["steps"])
         if not self.conditional:
             s["cfg"] = 1.0
@@ -204,7 +210,7 @@ class Pipeline:
         with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
             raw = sample(model, self.objective, (len(y), self.channels, *clip, *self.image_size), y=y,
                          generator=generator, progress=progress, callback=self._previews(callback),
-                         **self._sample_kwargs(s))
+                         **self.sample_kwargs(s))
         images = raw.float().cpu() if self.latents_only else self.decode(raw).cpu()
         return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only)
 
@@ -254,7 +260,7 @@ class Pipeline:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out = edit(model, self.objective, image, mask, strength, generator=generator, progress=progress,
                    jump_length=jump_length, jump_n_sample=jump_n_sample, y=y,
-                   callback=self._previews(callback), **self._sample_kwargs(s))
+                   callback=self._previews(callback), **self.sample_kwargs(s))
         what = ("inpainted" if mask is not None else
                 f"{self.model.condition}-controlled" if self.kind == "control" else "edited")
         labels = y.cpu() if y is not None else torch.full((n,), self.num_classes)
@@ -373,8 +379,12 @@ class Pipeline:
             return samples.float().clamp(-1, 1)
         return load_latent_space(self.vae, str(samples.device)).decode(samples)
 
-    def _sample_kwargs(self, s: dict[str, Any]) -> dict[str, Any]:
-        return {ARGUMENT_NAMES_INV.get(k, k): v for k, v in s.items()}
+    def sample_kwargs(self, s: dict[str, Any]) -> dict[str, Any]:
+        """`ditkit.sample()` keywords for settings from `settings()` (the run's guide model where they ask for one)."""
+        kwargs = {ARGUMENT_NAMES_INV.get(k, k): v for k, v in s.items()}
+        if kwargs.get("guide_scale") is not None and kwargs.get("guide_model") is None:
+            kwargs["guide_model"] = self.guide
+        return kwargs
 
     def _previews(self, callback: Preview | None) -> Callable[[int, int, Tensor], None] | None:
         if callback is None:
@@ -422,9 +432,18 @@ def _load_control(path: Path, weights: str, info: dict[str, Any], device: torch.
 
 def describe(settings: dict[str, Any]) -> str:
     """One line of sampling settings, e.g. "heun, 20 steps, cfg 4.0, seed 0"."""
-    shown = {k: v for k, v in settings.items() if k not in ("sampler", "steps", "cfg", "what")}
+    hidden = ("sampler", "steps", "cfg", "what", "guide_model", "apg_momentum", "compile", "guide_unconditional")
+    shown = {k: v for k, v in settings.items() if k not in hidden or (k in ("compile", "guide_unconditional") and v)}
     extra = "".join(f", {k} {v}" for k, v in shown.items() if v is not None)
     return f"{settings['sampler']}, {settings['steps']} steps, cfg {settings['cfg']}{extra}"
+
+
+def load_guide(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiT | None:
+    """The autoguidance model a run keeps in RUN/guide (its EMA weights at sample_guide_step), or None."""
+    path = Path(run_dir) / GUIDE_DIR
+    if not (path / "config.json").is_file():
+        return None
+    return DiT.from_pretrained(path).to(device).eval()
 
 
 def load_pipeline(path: str | os.PathLike, ema: bool = True, device: str | torch.device | None = None,

@@ -9,13 +9,14 @@ __all__ = ["FLOW_TIME_SCALE", "FlowMatching", "GaussianDiffusion", "MeanFlow", "
            "get_named_beta_schedule", "space_timesteps"]
 
 
-def build_objective(objective: str,
-                    timestep_sampling: str = "logit_normal") -> GaussianDiffusion | FlowMatching | MeanFlow:
+def build_objective(objective: str, timestep_sampling: str = "logit_normal",
+                    cosine_weight: float = 0.0) -> GaussianDiffusion | FlowMatching | MeanFlow:
     """The objective a run names: "flow": rectified flow (velocity prediction); "ddpm": the original DiT
     recipe (1000 linear-beta steps, epsilon prediction, learned sigma, hybrid loss); "meanflow": average
-    velocity for one-step generation (training builds it from the config's meanflow settings)."""
+    velocity for one-step generation (training builds it from the config's meanflow settings). cosine_weight:
+    flow's velocity-direction loss term."""
     if objective == "flow":
-        return FlowMatching(timestep_sampling=timestep_sampling)
+        return FlowMatching(timestep_sampling=timestep_sampling, cosine_weight=cosine_weight)
     if objective == "ddpm":
         return create_diffusion("", learn_sigma=True)
     if objective == "meanflow":

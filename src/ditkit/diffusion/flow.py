@@ -36,18 +36,22 @@ class FlowMatching:
     timestep_sampling: how training draws t, "uniform" or "logit_normal" (t = sigmoid(m + s n), n ~ N(0, 1),
     Esser et al. 2024 eq. 19 with logit_mean m and logit_std s). shift: the resolution shift applied to the
     drawn t and, unless a sampler is given its own, to the sampling grid. loss_weight: optional function of
-    t giving each sample's loss weight (None: 1).
+    t giving each sample's loss weight (None: 1). cosine_weight: weight of the velocity-direction term
+    1 - cos(v_pred, v_target) per sample (LightningDiT, Yao et al. 2025; 0: plain flow matching).
     """
 
     def __init__(self, timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 shift: float = 1.0, loss_weight: Callable[[Tensor], Tensor] | None = None):
+                 shift: float = 1.0, loss_weight: Callable[[Tensor], Tensor] | None = None,
+                 cosine_weight: float = 0.0):
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}: "
                              f"expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
         if shift <= 0 or logit_std <= 0:
             raise ValueError(f"shift and logit_std must be > 0, got shift={shift}, logit_std={logit_std}")
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
-        self.shift, self.loss_weight = shift, loss_weight
+        if cosine_weight < 0:
+            raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
+        self.shift, self.loss_weight, self.cosine_weight = shift, loss_weight, cosine_weight
 
     def __repr__(self) -> str:
         return f"FlowMatching(timestep_sampling={self.timestep_sampling!r}, shift={self.shift})"
@@ -88,6 +92,11 @@ class FlowMatching:
         """Where a model timestep lies in the trajectory: flow time t (1 = pure noise)."""
         return model_t.float() / FLOW_TIME_SCALE
 
+    def x0_coefficients(self, model_t: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b), each (N,), with the denoised image x0 = a x_t + b v: x0 = x_t - t v."""
+        t = self.time_fraction(model_t)
+        return torch.ones_like(t), -t
+
     def velocity(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """The model's velocity at flow time t (N,): its first C output channels (a learned-sigma model's
         extra channels carry nothing here)."""
@@ -96,14 +105,20 @@ class FlowMatching:
 
     def training_losses(self, model: Model, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
                         noise: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-sample losses {"loss", "mse"}: mse = |(noise - x0) - v(x_t, t)|^2 averaged per sample,
-        loss = loss_weight(t) * mse."""
+        """Per-sample losses {"loss", "mse"} (+ "cosine" with a cosine_weight): mse = |(noise - x0) - v(x_t, t)|^2
+        averaged per sample, loss = loss_weight(t) * mse + cosine_weight * (1 - cos(v, noise - x0))."""
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        mse = mean_flat((noise - x_start - self.velocity(model, x_t, t, model_kwargs)) ** 2)
+        target, pred = noise - x_start, self.velocity(model, x_t, t, model_kwargs)
+        mse = mean_flat((target - pred) ** 2)
         loss = mse if self.loss_weight is None else self.loss_weight(t).to(mse) * mse
-        return {"loss": loss, "mse": mse}
+        out = {"loss": loss, "mse": mse}
+        if self.cosine_weight:
+            out["cosine"] = 1 - torch.nn.functional.cosine_similarity(pred.flatten(1).float(),
+                                                                      target.flatten(1).float(), dim=1)
+            out["loss"] = loss + self.cosine_weight * out["cosine"].to(loss)
+        return out
 
     # ---- sampling ------------------------------------------------------------------------------
     def timesteps(self, steps: int, shift: float | None = None) -> Tensor:

@@ -245,6 +245,14 @@ class GaussianDiffusion:
         """Where a model timestep (0..T-1 of the base schedule) lies in the trajectory: t / T, 1 ~ pure noise."""
         return model_t.float() / self.original_num_steps
 
+    def x0_coefficients(self, model_t: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b), each (N,), with the denoised image x0 = a x_t + b * prediction at base timesteps `model_t`
+        (epsilon: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); x0 prediction: a = 0, b = 1)."""
+        abar = torch.cumprod(1.0 - self.base_betas, dim=0).to(model_t.device)[model_t.long()].float()
+        if self.model_mean_type == "x0":
+            return torch.zeros_like(abar), torch.ones_like(abar)
+        return abar.rsqrt(), -(1.0 / abar - 1.0).sqrt()
+
     def _call_model(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None) -> Tensor:
         out = model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
         want = 2 * x.shape[1] if self.model_var_type == "learned_range" else x.shape[1]

@@ -51,6 +51,9 @@ class ControlBranch(PretrainedMixin, nn.Module):
         if not 1 <= num_blocks <= len(base.blocks):
             raise ValueError(f"control_blocks must be in 1..{len(base.blocks)} (the base's depth), got {num_blocks}")
         c = base.config
+        modern = {k: v for k, v in getattr(base, "recipe", {}).items() if k in c}  # non-default recipe options
+        if modern:  # issue 14: the branch copies paper-style blocks only
+            raise ValueError(f"structure control copies the paper's DiT blocks; this base uses {modern}")
         branch = cls(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["patch_size"], c["in_channels"],
                      c["block"], num_blocks, condition)
         branch.blocks.load_state_dict(base.blocks[:num_blocks].state_dict())

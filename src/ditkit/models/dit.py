@@ -16,6 +16,8 @@ from ditkit.models.layers import (
     LabelEmbedder,
     Mlp,
     PatchEmbed,
+    RMSNorm,
+    SwiGLU,
     TimestepEmbedder,
     modulate,
     sincos_2d,
@@ -24,10 +26,23 @@ from ditkit.models.layers import (
 from ditkit.models.pretrained import PretrainedMixin
 
 BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+# The modern-recipe options (LightningDiT, Yao et al. 2025); the first of each is the paper's DiT.
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+POS_EMBEDS = ("sincos", "rope", "sincos+rope")
+RECIPE_DEFAULTS = dict(mlp="gelu", norm="layernorm", qk_norm=False, pos_embed="sincos")
 
 
-def _norm(hidden_size: int, affine: bool) -> nn.LayerNorm:
+def _norm(hidden_size: int, affine: bool, kind: str = "layernorm") -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(hidden_size, eps=1e-6, affine=affine)
     return nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+
+
+def check_recipe(mlp: str, norm: str, pos_embed: str) -> None:
+    for value, name, allowed in ((mlp, "mlp", MLPS), (norm, "norm", NORMS), (pos_embed, "pos_embed", POS_EMBEDS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
 
 
 def _init_linears(module: nn.Module) -> None:
@@ -43,20 +58,21 @@ class TransformerBlock(nn.Module):
     """The pre-norm parts every design shares: LayerNorm -> self-attention, LayerNorm -> MLP. The norms
     carry their own affine parameters only when nothing else modulates them."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, affine: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, affine: bool, *, mlp: str = "gelu",
+                 norm: str = "layernorm", qk_norm: bool = False, rope_grid: tuple[int, int] | None = None):
         super().__init__()
-        self.norm1 = _norm(hidden_size, affine)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size, affine)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = _norm(hidden_size, affine, norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, rope_grid=rope_grid)
+        self.norm2 = _norm(hidden_size, affine, norm)
+        self.mlp = (SwiGLU if mlp == "swiglu" else Mlp)(hidden_size, int(hidden_size * mlp_ratio))
 
 
 class DiTBlock(TransformerBlock):
     """adaLN-Zero block: shift, scale and a gate for each residual branch, regressed from c = t + y;
     the regression is zero-initialised so every block starts as the identity."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **options):
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False, **options)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         _init_linears(self)
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
@@ -73,8 +89,8 @@ class AdaLNBlock(TransformerBlock):
     """adaLN block (paper's Fig. 3, without "-Zero"): shift and scale regressed from c = t + y,
     no gates, ordinary initialisation."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **options):
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=False, **options)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
         _init_linears(self)
 
@@ -89,9 +105,9 @@ class CrossAttentionBlock(TransformerBlock):
     """Standard pre-LN ViT block with a cross-attention layer after self-attention; the image tokens
     attend to the length-2 sequence [t, y] (paper's Fig. 3, "Cross-Attention")."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True)
-        self.norm_cross = _norm(hidden_size, affine=True)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **options):
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True, **options)
+        self.norm_cross = _norm(hidden_size, True, options.get("norm", "layernorm"))
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         _init_linears(self)
 
@@ -106,8 +122,8 @@ class InContextBlock(TransformerBlock):
     """Standard pre-LN ViT block, unmodified: t and y enter as two extra tokens of the sequence
     (paper's Fig. 3, "In-Context Conditioning")."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **options):
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine=True, **options)
         _init_linears(self)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:  # x (N, 2 + T, D)
@@ -128,9 +144,9 @@ class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear decoder to p * p * out_channels values per token;
     zero-initialised so the untrained model predicts zero."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = _norm(hidden_size, affine=False)
+        self.norm_final = _norm(hidden_size, False, norm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         for layer in (self.linear, self.adaLN_modulation[-1]):
@@ -148,6 +164,11 @@ class DiT(PretrainedMixin, nn.Module):
     `forward(x, t, y)`: x (N, C, H, W) noisy input, t (N,) timesteps (0..1000 units, may be fractional),
     y (N,) class labels in 0..num_classes-1 (num_classes = null label, when label dropout is enabled).
     Returns (N, out_channels, H, W): the prediction, followed by C variance channels when `learn_sigma`.
+
+    Modern-recipe options, each off by default (the paper's model, keys and outputs unchanged):
+    mlp "swiglu" (gated feed-forward), norm "rmsnorm" (RMSNorm in blocks and final layer), qk_norm (RMSNorm
+    on queries and keys), pos_embed "rope" (2D rotary positions instead of the sin-cos table) or
+    "sincos+rope" (both). Non-default options are recorded in `config`, so `from_pretrained` rebuilds them.
     """
 
     def __init__(
@@ -164,10 +185,15 @@ class DiT(PretrainedMixin, nn.Module):
         learn_sigma: bool = True,
         block: str = "adaln_zero",
         interval_embed: bool = False,
+        mlp: str = "gelu",
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
         if block not in _BLOCK_CLASSES:
             raise ValueError(f"unknown block {block!r}: expected one of {', '.join(BLOCKS)}")
+        check_recipe(mlp, norm, pos_embed)
         H, W = to_2tuple(input_size)
         if H % patch_size or W % patch_size:
             raise ValueError(f"input_size {(H, W)} is not divisible by patch_size {patch_size}")
@@ -179,6 +205,9 @@ class DiT(PretrainedMixin, nn.Module):
             num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, block=block,
         )
+        recipe = dict(mlp=mlp, norm=norm, qk_norm=qk_norm, pos_embed=pos_embed)
+        self.config.update({k: v for k, v in recipe.items() if v != RECIPE_DEFAULTS[k]})  # paper configs unchanged
+        self.recipe = recipe
         if interval_embed:  # issue 15: listed only when used, so the paper's config.json stays as it was
             self.config["interval_embed"] = True
         self.input_size = (H, W)
@@ -201,13 +230,18 @@ class DiT(PretrainedMixin, nn.Module):
             self.interval_embedder = TimestepEmbedder(hidden_size)
             nn.init.zeros_(self.interval_embedder.mlp[2].weight)
         # Fixed, not learned; a Parameter (not a buffer) because the original checkpoints store it.
+        # With RoPE alone the table stays (zeros, so checkpoints keep one layout) and is not added.
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, self.grid_size)).unsqueeze(0))
+        self.add_pos_embed = pos_embed != "rope"
+        if self.add_pos_embed:
+            self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, self.grid_size)).unsqueeze(0))
+        self.block_options = dict(mlp=mlp, norm=norm, qk_norm=qk_norm,
+                                  rope_grid=self.grid_size if "rope" in pos_embed else None)
         self.blocks = nn.ModuleList(
-            [_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+            [_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio, **self.block_options) for _ in range(depth)]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
 
     # ----------------------------------------------------------------------------------------
     def unpatchify(self, x: Tensor) -> Tensor:
@@ -248,7 +282,7 @@ class DiT(PretrainedMixin, nn.Module):
         dropout from its own seeded generator instead of the global RNG. `interval` (N,): t - r of a
         two-time model (built with interval_embed=True), in t's units."""
         self.check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.embed_tokens(x)  # (N, T, D)
         t_emb = self.embed_time(t, interval)  # (N, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t_emb + y_emb
@@ -268,6 +302,11 @@ class DiT(PretrainedMixin, nn.Module):
             x = x[:, 2:]
         x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
         return self.unpatchify(x)
+
+    def embed_tokens(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, T, D) patch tokens, with the sin-cos positions unless RoPE alone places them."""
+        x = self.x_embedder(x)
+        return x + self.pos_embed if self.add_pos_embed else x
 
     def embed_time(self, t: Tensor, interval: Tensor | None = None) -> Tensor:
         """(N, D) embedding of t, plus that of the interval t - r for a two-time model."""

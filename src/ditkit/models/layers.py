@@ -181,22 +181,75 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+# --------------------------------------------------------------------------------------------
+# 2D rotary position embedding (RoPE; Su et al. 2021, axial 2D form as in LightningDiT / FiT): the first
+# half of each head's channels is rotated by the token's column, the second half by its row, so q . k
+# depends on the two tokens' offset only.
+# --------------------------------------------------------------------------------------------
+
+def rope_2d_tables(head_dim: int, grid_size: int | tuple[int, int], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (h * w, head_dim) float32 for row-major tokens of an (h, w) grid. Each half of the
+    channels is [a1, a2] with pairs (a1_j, a2_j) turned by pos * w_j, w_j = theta^(-2j / (head_dim / 2))."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    h, w = to_2tuple(grid_size)
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # (half / 2,)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    col_angles = cols.reshape(-1, 1) * freqs  # (T, half / 2)
+    row_angles = rows.reshape(-1, 1) * freqs
+    angles = torch.cat([col_angles, col_angles, row_angles, row_angles], dim=1)  # (T, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_2d(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (..., T, head_dim) queries or keys by `rope_2d_tables`; when T exceeds the table (extra
+    conditioning tokens in front), the leading T - len(cos) tokens are left as they are."""
+    extra = x.shape[-2] - cos.shape[0]
+    if extra < 0:
+        raise ValueError(f"RoPE table covers {cos.shape[0]} tokens, got {x.shape[-2]}")
+    head, x_grid = x[..., :extra, :], x[..., extra:, :]
+    a1, a2, b1, b2 = x_grid.chunk(4, dim=-1)
+    rotated = torch.cat([-a2, a1, -b2, b1], dim=-1)
+    out = (x_grid * cos + rotated * sin).to(x.dtype)
+    return torch.cat([head, out], dim=-2) if extra else out
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, computed by PyTorch's SDPA
-    (flash / memory-efficient kernels where the device has them; see `attention`)."""
+    (flash / memory-efficient kernels where the device has them; see `attention`).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    Options (off by default, which is the original DiT): qk_norm, an RMSNorm with a learned gain on each
+    head's queries and keys (`q_norm`, `k_norm`); rope_grid, the (h, w) token grid of 2D rotary positions
+    applied to queries and keys (tables are buffers, not saved)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 rope_grid: tuple[int, int] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.rope = rope_grid is not None
+        if self.rope:
+            cos, sin = rope_2d_tables(head_dim, rope_grid)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         N, T, D = x.shape
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = attention(q, k, v)  # (N, heads, T, D / heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = apply_rope_2d(q, self.rope_cos, self.rope_sin), apply_rope_2d(k, self.rope_cos, self.rope_sin)
+        x = attention(q.to(v.dtype), k.to(v.dtype), v)  # (N, heads, T, D / heads)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
@@ -236,16 +289,34 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer 2020, as LLaMA and LightningDiT use it): w3(silu(x W1) * (x W2)), W1 and
+    W2 fused as `w12`. The hidden width is 2/3 of the plain MLP's (rounded up to a multiple of 8), which
+    keeps the parameter count about equal."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        hidden = -(-int(2 * hidden_dim / 3) // 8) * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight over the last dimension.
     Applied to each head's queries and keys ("QK-norm"), it bounds the attention logits, which keeps
-    large text-to-image transformers stable in mixed precision (SD3, section 5.3.2)."""
+    large text-to-image transformers stable in mixed precision (SD3, section 5.3.2). `affine=False`
+    (a norm that adaLN modulates) has no weight."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()  # the mean of squares in float32 even under bf16 autocast
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return out if self.weight is None else out * self.weight

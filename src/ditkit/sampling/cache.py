@@ -58,7 +58,7 @@ class BlockCache(nn.Module):
                 interval: Tensor | None = None) -> Tensor:
         m = self.model
         m.check_inputs(x, t, y)
-        h = m.x_embedder(x) + m.pos_embed  # (N, T, D)
+        h = m.embed_tokens(x)  # (N, T, D)
         c = m.embed_time(t, interval) + m.y_embedder(y, m.training, force_drop_ids)  # (N, D)
         first = m.blocks[0]
         shift, scale = first.adaLN_modulation(c).chunk(6 if m.block == "adaln_zero" else 4, dim=1)[:2]

@@ -77,6 +77,7 @@ class ObjectiveConfig:
     objective: str = identity("flow")            # "flow" (rectified flow), "ddpm" (Gaussian, learned sigma) or
     #                                              "meanflow" (one-step; base= fine-tunes a flow run)
     timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
+    velocity_cosine_weight: float = identity(0.0)  # flow only: weight of the 1 - cos(v, target) loss term
     meanflow_unequal: float = identity(0.25)     # meanflow: share of training pairs with r < t (the rest r = t)
     meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
     meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
@@ -95,6 +96,7 @@ class OptimConfig:
     grad_clip: float = identity(1.0)
     ema_decay: float = identity(0.995)
     ema_warmup: bool = identity(True)   # decay min(ema_decay, (1 + step) / (10 + step))
+    ema_std: float | None = identity(None)  # EDM2 power-function EMA of this relative std (replaces ema_decay)
     precision: str = identity("bf16")   # "fp32" | "bf16" | "fp16" (autocast; fp16 uses a GradScaler)
     compile: bool = False
     grad_checkpoint: bool = False
@@ -111,6 +113,7 @@ class OutputConfig:
     sample_every: int = 0               # 0: only at the end
     tensorboard: bool = False
     samples_per_class: int = 8          # rows of the sample grid written at the end (and every sample_every)
+    sample_guide_step: int | None = 400  # keep the EMA weights of this step in OUT/guide: the autoguidance model
 
 
 @dataclass
@@ -119,8 +122,14 @@ class SampleConfig:
     `ditkit.sample()`'s keywords and every field is passed to it: a new sampling option is one field here."""
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
     steps: int | None = 20              # None: the sampler's default
-    cfg_scale: float = 4.0
+    cfg_scale: float = 3.0              # with autoguidance below (4 alone before; benchmarks/recipe_ablation.py)
     cfg_interval: tuple[float, float] | None = None  # (lo, hi) of the trajectory where guidance applies
+    guide_scale: float | None = 2.0     # autoguidance weight on top of CFG, by the guide model (None: none)
+    guide_unconditional: bool = False   # call the guide model with the null label
+    shift: float | None = None          # time shift of the step grid (None: plain grid)
+    apg_eta: float | None = None        # adaptive projected guidance: parallel weight (None: plain CFG)
+    apg_norm: float | None = None       # APG norm cap
+    apg_momentum: float = 0.0           # APG reverse momentum
     cache: float | None = None          # block-cache threshold in [0, 1] (ditkit.sampling.cache); None: no cache
     precision: str | None = None        # "fp32" | "bf16" autocast of the model; None: bf16 if the run trained in bf16
     compile: bool = False               # torch.compile the model for sampling
@@ -376,6 +385,13 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
     if c.control is not None and c.base is None:
         raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
+    if c.sample.cfg_interval is not None and not 0.0 <= c.sample.cfg_interval[0] <= c.sample.cfg_interval[1] <= 1.0:
+        raise ValueError(f"sample_cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {c.sample.cfg_interval}")
+    for key in ("shift", "apg_norm"):
+        if getattr(c.sample, key) is not None and getattr(c.sample, key) <= 0:
+            raise ValueError(f"sample_{key} must be > 0, got {getattr(c.sample, key)}")
+    if c.sample_guide_step is not None and c.sample_guide_step < 1:
+        raise ValueError(f"sample_guide_step must be >= 1 (or none), got {c.sample_guide_step}")
     if c.sample.cache is not None and not 0 <= c.sample.cache <= 1:
         raise ValueError(f"sample_cache must be in [0, 1] (0: never reuse), got {c.sample.cache}")
     if c.sample.precision not in (None, "fp32", "bf16", "fp16"):

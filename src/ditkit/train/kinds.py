@@ -23,7 +23,7 @@ from ditkit.data.conditions import make_condition
 from ditkit.images import save_comparison, save_gif, shown_classes
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
-from ditkit.pipeline import Pipeline
+from ditkit.pipeline import GUIDE_DIR, Pipeline, load_guide
 from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit.train import checkpoint as ckpt
@@ -87,12 +87,18 @@ class ImageKind:
         shown = shown_classes(data.num_classes)
         real = torch.stack([data.images[(data.labels == k).nonzero()[0, 0]] for k in shown])
         pipe = Pipeline(model=ema_model, objective=objective, info=self.run_info(),
-                        vae=getattr(data, "vae", None), device=device)
+                        vae=getattr(data, "vae", None), device=device, guide=load_guide(path.parent, device))
         samples = pipe.generate(classes=shown if data.conditional else None, n_per_class=self.c.samples_per_class,
                                 seed=seed, progress=False, **self.grid_options(real))
         if isinstance(data, LatentDataset):
             real = data.decode(real, device).cpu()
         self.save_grid(path, real.float().clamp(-1, 1), samples.images)
+
+    def save_guide(self, ema_model: nn.Module, out: Path) -> None:
+        """Keep the EMA weights of this step as the run's autoguidance model (OUT/guide): plain image DiTs
+        with a multi-step objective only."""
+        if type(ema_model) is DiT and self.c.objective != "meanflow":
+            ema_model.save_pretrained(out / GUIDE_DIR)
 
     def save_grid(self, path: Path, real: Tensor, images: Tensor) -> None:
         K = real.shape[0]

@@ -200,11 +200,11 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
     if c.objective == "meanflow":
         objective = meanflow_objective(c)
     else:
-        objective = build_objective(c.objective, c.timestep_sampling)
+        objective = build_objective(c.objective, c.timestep_sampling, cosine_weight=c.velocity_cosine_weight)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = kind.build().to(dist.device)
     model.grad_checkpointing = c.grad_checkpoint
-    run = Run(c, dist, kind, objective, model, EMA(model, decay=c.ema_decay, warmup=c.ema_warmup),
+    run = Run(c, dist, kind, objective, model, EMA(model, decay=c.ema_decay, warmup=c.ema_warmup, power_std=c.ema_std),
               torch.Generator().manual_seed(c.seed), EpochSampler(len(kind.data), c.batch_size, c.seed))
     if start is not None:
         kind.saved(model).load_state_dict(ckpt.load_weights(start, "model.safetensors"))
@@ -385,6 +385,8 @@ def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> Tr
     while run.step < c.steps and not out_of_time(run, start_time) and not stop.should_stop(dist):
         loss, grad_norm = train_step(run)
         window.append(loss)
+        if run.step == c.sample_guide_step and dist.is_main:  # the autoguidance model: this early EMA
+            run.kind.save_guide(run.kind.saved(run.ema.model), run.out)
         if run.step % c.log_every == 0 or run.step == c.steps:
             seconds = time.perf_counter() - start_time
             loss_value = log(run, window, grad_norm, seconds, run.step - start_step, bar, writer)

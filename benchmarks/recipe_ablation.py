@@ -31,8 +31,8 @@ from ditkit.train.checkpoint import step_dir
 # sampling options of each row are complete (nothing is taken from the run's record). "kept" says whether
 # the change stays in the rows below (a change that did not help is measured and dropped, as LightningDiT's
 # table does).
-PAPER_SAMPLING = dict(cfg_scale=4.0, cfg_interval=None, apg_eta=None, shift=None, guide_model=None,
-                      guide_scale=None, guide_unconditional=False)
+PAPER_SAMPLING = {"cfg_scale": 4.0, "cfg_interval": None, "apg_eta": None, "shift": None, "guide_model": None,
+                      "guide_scale": None, "guide_unconditional": False}
 AUTO = dict(PAPER_SAMPLING, cfg_scale=2.0, guide_model="run")  # the guide replaces the unconditional pass
 BOTH = dict(PAPER_SAMPLING, guide_model="run", guide_scale=2.0)   # CFG plus autoguidance
 ROWS: list[tuple[str, bool, str, dict[str, Any], dict[str, Any]]] = [

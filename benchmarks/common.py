@@ -50,8 +50,10 @@ def draw(pipe: Pipeline, y: torch.Tensor, noise: torch.Tensor, sampler: str | No
     to the pipeline's; `options` (sample() keywords) override the recorded ones. Returns the images in
     [-1, 1], the NFE of one trajectory (a guide model's calls included) and the seconds taken."""
     cfg = pipe.info["train_config"]
-    settings = pipe.settings(sampler=sampler, steps=steps, cfg=cfg_scale, **options)
-    options = {k: v for k, v in pipe.sample_kwargs(settings).items() if k not in ("precision", "compile")}
+    settings = pipe.settings(sampler=sampler, steps=steps, cfg=cfg_scale)
+    # the run's recorded options, then the explicit ones (None included: it switches an option off)
+    options = {**{k: v for k, v in pipe.sample_kwargs(settings).items() if k not in ("precision", "compile")},
+               **options}
     counted = CountingModel(model or pipe.model)
     if options.get("guide_model") is not None:  # the guide's calls count too
         options["guide_model"] = CountingModel(options["guide_model"], counter=counted)

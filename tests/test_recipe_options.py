@@ -107,10 +107,10 @@ def test_default_options_leave_keys_config_and_outputs_unchanged():
     assert torch.equal(plain(x, t, y), explicit(x, t, y))
 
 
-@pytest.mark.parametrize("options", [dict(mlp="swiglu"), dict(norm="rmsnorm"), dict(qk_norm=True),
-                                     dict(pos_embed="rope"), dict(pos_embed="sincos+rope"),
-                                     dict(mlp="swiglu", norm="rmsnorm", qk_norm=True, pos_embed="rope",
-                                          block="in_context")])
+@pytest.mark.parametrize("options", [{"mlp": "swiglu"}, {"norm": "rmsnorm"}, {"qk_norm": True},
+                                     {"pos_embed": "rope"}, {"pos_embed": "sincos+rope"},
+                                     {"mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True, "pos_embed": "rope",
+                                          "block": "in_context"}])
 def test_options_are_saved_and_load_back(tmp_path, options):
     model = randomised(DiT(**SMALL, **options))
     for key, value in options.items():
@@ -204,11 +204,11 @@ def _flow_model() -> DiT:
 def test_autoguidance_with_the_model_itself_is_plain_conditional_sampling(objective):
     if objective == "flow":
         model, obj = _flow_model(), FlowMatching()
-        kw = dict(sampler="heun", steps=4)
+        kw = {"sampler": "heun", "steps": 4}
     else:
         torch.manual_seed(0)
         model, obj = randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True)
-        kw = dict(sampler="ddim", steps=5)
+        kw = {"sampler": "ddim", "steps": 5}
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     plain = sample(model, obj, noise.shape, y=y, cfg_scale=1.0, noise=noise, progress=False, **kw)
     auto = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, guide_model=model, noise=noise, progress=False, **kw)
@@ -276,10 +276,11 @@ def test_apg_update_formula_on_a_constructed_case():
 @pytest.mark.parametrize("objective", ["flow", "gaussian"])
 def test_apg_with_the_whole_parallel_component_is_cfg(objective):
     if objective == "flow":
-        model, obj, kw = _flow_model(), FlowMatching(), dict(sampler="heun", steps=4)
+        model, obj, kw = _flow_model(), FlowMatching(), {"sampler": "heun", "steps": 4}
     else:
         torch.manual_seed(0)
-        model, obj, kw = randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True), dict(sampler="ddim", steps=5)
+        model, obj = randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True)
+        kw = {"sampler": "ddim", "steps": 5}
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(7))
     cfg = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, noise=noise, progress=False, **kw)
     apg1 = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, apg_eta=1.0, noise=noise, progress=False, **kw)
@@ -332,8 +333,8 @@ def test_gaussian_sampling_honours_shift():
 
 def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
     from ditkit.pipeline import load_pipeline
-    from ditkit.train import train
     from ditkit.train import checkpoint as ckpt
+    from ditkit.train import train
 
     run = tmp_path / "run"
     c = build_config(None, {"out": str(run)}, [

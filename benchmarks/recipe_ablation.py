@@ -78,7 +78,7 @@ def main() -> None:
             continue
         path = Path(args.runs) / name
         pipe, _ = trained_run(str(path), {**TRAIN, **train_overrides})
-        cfg = pipe.info["train_config"]
+        cfg, run = pipe.info["train_config"], pipe.defaults
         options = dict(options)
         guide = options["guide_model"]
         if guide == "run":  # the run's own guide (older runs: their step-400 checkpoint's EMA, the same weights)
@@ -93,8 +93,8 @@ def main() -> None:
                               and v not in (None, False)) or "-"
         if guide is not None:
             described += f", guide=EMA@{TRAIN['sample_guide_step'] if guide == 'run' else guide}"
-        print(f"| {i} | {label} | {'yes' if kept else 'no'} | {cfg['steps']} | {seconds:.0f} | {cfg['sampler']} "
-              f"{cfg['sample_steps']}, w {options['cfg_scale']}, {described} | {nfe} | {m['accuracy']:.1%} | "
+        print(f"| {i} | {label} | {'yes' if kept else 'no'} | {cfg['steps']} | {seconds:.0f} | {run['sampler']} "
+              f"{run['steps']}, w {options['cfg_scale']}, {described} | {nfe} | {m['accuracy']:.1%} | "
               f"{m['fd_classifier']:.2f} | {ratio:.2f}x | {m['precision']:.2f} | {m['recall']:.2f} |", flush=True)
     print(f"\n{len(y)} samples per row ({args.n_per_class} per class, same noise); real-vs-real FD at this count: "
           f"{m['fd_classifier_real_baseline']:.2f}")

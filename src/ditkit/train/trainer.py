@@ -29,6 +29,7 @@ from ditkit.data import random_hflip
 from ditkit.diffusion import FlowMatching, build_objective
 from ditkit.images import save_loss_curve
 from ditkit.io import write_json_atomic, write_text_atomic
+from ditkit.sampling.fast import PRECISIONS
 from ditkit.train import checkpoint as ckpt
 from ditkit.train import distributed
 from ditkit.train.config import TrainConfig
@@ -38,7 +39,6 @@ from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
 from ditkit.train.meanflow import meanflow_objective
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -108,7 +108,7 @@ def draw_timesteps(objective: Any, n: int, generator: torch.Generator) -> Tensor
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = AUTOCAST[precision]
+    dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

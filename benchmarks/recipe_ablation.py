@@ -10,7 +10,8 @@ as its metrics.csv recorded it (on a shared machine: compare steps, not seconds)
 
     python benchmarks/recipe_ablation.py [--runs runs/ablation] [--n-per-class 30] [--rows 0 1 2 ...]
 
-The README's table is this script's rows at 30 per class (the new default's row also at 100 per class).
+The README's first table is rows 0-10 at 30 per class (the new default's row also at 100 per class); its second
+table (the training schedule) is rows 11-20 at 50 per class: `--rows 11 12 ... 19 --n-per-class 50`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ PAPER_SAMPLING = {"cfg_scale": 4.0, "cfg_interval": None, "apg_eta": None, "shif
                       "guide_scale": None, "guide_unconditional": False}
 AUTO = dict(PAPER_SAMPLING, cfg_scale=2.0, guide_model="run")  # the guide replaces the unconditional pass
 BOTH = dict(PAPER_SAMPLING, guide_model="run", guide_scale=2.0)   # CFG plus autoguidance
+CFG15 = dict(PAPER_SAMPLING, cfg_scale=1.5)
+CONST = {"steps": 1100, "min_lr_ratio": 1.0}
 ROWS: list[tuple[str, bool, str, dict[str, Any], dict[str, Any]]] = [
     ("demo before issue 14 (DiT blocks, logit-normal t)", True, "paper", {}, PAPER_SAMPLING),
     ("+ APG (eta 0)", False, "paper", {}, dict(PAPER_SAMPLING, apg_eta=0.0)),
@@ -45,11 +48,26 @@ ROWS: list[tuple[str, bool, str, dict[str, Any], dict[str, Any]]] = [
     ("the same, w 4", False, "paper", {}, dict(AUTO, cfg_scale=4.0, guide_unconditional=True)),
     ("CFG 2 + autoguidance w 2 (step 400)", False, "paper", {}, dict(BOTH, cfg_scale=2.0)),
     ("CFG 4 in [0.2, 0.8] + autoguidance w 2", False, "paper", {}, dict(BOTH, cfg_interval=(0.2, 0.8))),
-    ("CFG 3 + autoguidance w 2 (step 400): new default", True, "paper", {}, dict(BOTH, cfg_scale=3.0)),
+    ("CFG 3 + autoguidance w 2 (step 400): the first pass's default", True, "paper", {}, dict(BOTH, cfg_scale=3.0)),
     ("+ uniform t (training), autoguidance w 2", False, "uniform", {"timestep_sampling": "uniform"}, AUTO),
+    # the second pass: the training schedule (rows 11-19 are the README's second table, at 50 per class)
+    ("demo before issue 14, CFG 1.5", False, "paper", {}, CFG15),
+    ("constant lr after warm-up (min_lr_ratio 1), 1,100 steps", True, "const", CONST, CFG15),
+    ("+ lr 3e-3", True, "lr3", dict(CONST, lr=3e-3), CFG15),
+    ("+ lr 5e-3", True, "lr5", dict(CONST, lr=5e-3), CFG15),
+    ("lr 5e-3, CFG 1.75", False, "lr5", dict(CONST, lr=5e-3), dict(CFG15, cfg_scale=1.75)),
+    ("lr 5e-3, CFG 2", False, "lr5", dict(CONST, lr=5e-3), dict(CFG15, cfg_scale=2.0)),
+    ("lr 8e-3 (instead of 5e-3)", False, "lr8", dict(CONST, lr=8e-3), CFG15),
+    ("lr 5e-3, CFG 2.5 for t in [0, 0.7] (none at high noise)", False, "lr5", dict(CONST, lr=5e-3),
+     dict(CFG15, cfg_scale=2.5, cfg_interval=(0.0, 0.7))),
+    ("lr 5e-3, CFG 2.5 for t in [0, 0.75]: the new default", True, "lr5", dict(CONST, lr=5e-3),
+     dict(CFG15, cfg_scale=2.5, cfg_interval=(0.0, 0.75))),
 ]
+# the recipe before issue 14: every row trains from it plus its overrides, so the table does not move when
+# the defaults do
 TRAIN = {"timestep_sampling": "logit_normal", "velocity_cosine_weight": 0.0, "model_args": {}, "ema_std": None,
-         "sample_guide_step": 400, "save_every": 200, "keep_last": 10}
+         "sample_guide_step": 400, "save_every": 200, "keep_last": 10, "steps": 1200, "lr": 2e-3,
+         "min_lr_ratio": 0.1, "ema_decay": 0.995}
 
 
 def train_seconds(run: Path) -> float | None:

@@ -25,10 +25,10 @@ from test_gaussian_diffusion import one_thread  # noqa: F401  (the fixture, used
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_dit(block: str) -> DiT:
+def random_dit(block: str, **options) -> DiT:
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=3,
-                block=block)
+                block=block, **options)
     for p in model.parameters():  # the zero-initialised layers would hide any difference
         p.data.normal_(0, 0.1)
     return model
@@ -51,6 +51,22 @@ def test_zero_initialised_branch_leaves_the_base_unchanged(block, condition):
         assert torch.equal(control(x, t, y, cond), base(x, t, y))  # bit for bit
     for copy, original in zip(control.branch.blocks, base.blocks):
         assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), original.state_dict().values()))
+
+
+@pytest.mark.parametrize("mlp", ["gelu_erf", "swiglu"])
+def test_the_branch_copies_the_bases_mlp_kind(tmp_path, mlp):
+    """The demo's base has the exact-GELU MLP (issue 14): the copies must compute what the base's blocks do."""
+    base = random_dit("adaln_zero", mlp=mlp).eval()
+    branch = ControlBranch.from_base(base, 2, "lowres")
+    assert branch.config["mlp"] == mlp
+    tokens, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        assert torch.equal(branch.blocks[1](tokens, c), base.blocks[1](tokens, c))
+    branch.save_pretrained(tmp_path)
+    assert ControlBranch.from_pretrained(tmp_path).config == branch.config
+    ControlDiT(base, branch)  # fits its base
+    with pytest.raises(ValueError, match="paper's DiT blocks"):
+        ControlBranch.from_base(random_dit("adaln_zero", norm="rmsnorm"), 1, "lowres")
 
 
 def test_only_the_branch_trains_and_then_changes_the_output():

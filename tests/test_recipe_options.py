@@ -10,7 +10,7 @@ from ditkit.diffusion import create_diffusion
 from ditkit.diffusion.flow import FlowMatching
 from ditkit.diffusion.gaussian import space_timesteps
 from ditkit.models import DiT
-from ditkit.models.layers import Attention, RMSNorm, SwiGLU, apply_rope_2d, rope_2d_tables
+from ditkit.models.layers import Attention, Mlp, RMSNorm, SwiGLU, apply_rope_2d, rope_2d_tables
 from ditkit.sampling import apg_update, sample, shifted_gaussian_steps
 from ditkit.train.config import build_config
 from ditkit.train.ema import EMA, power_ema_gamma
@@ -84,6 +84,16 @@ def test_swiglu_matches_its_formula():
     torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gelu_erf_is_the_exact_gelu_and_keeps_the_paper_keys():
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    exact = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))  # Hendrycks & Gimpel's GELU
+    torch.testing.assert_close(Mlp(1, 1, approximate="none").act(x), exact, rtol=0, atol=1e-12)
+    assert (Mlp(1, 1).act(x) - exact).abs().max() < 1e-3  # the paper's tanh form is within 1e-3 of it
+    torch.manual_seed(0)
+    erf = DiT(**SMALL, mlp="gelu_erf")
+    assert list(erf.state_dict()) == list(DiT(**SMALL).state_dict())  # paper checkpoints load into it
+
+
 def test_qk_norm_makes_attention_invariant_to_the_scale_of_queries_and_keys():
     torch.manual_seed(0)
     attn = Attention(16, 2, qk_norm=True).eval()
@@ -107,7 +117,7 @@ def test_default_options_leave_keys_config_and_outputs_unchanged():
     assert torch.equal(plain(x, t, y), explicit(x, t, y))
 
 
-@pytest.mark.parametrize("options", [{"mlp": "swiglu"}, {"norm": "rmsnorm"}, {"qk_norm": True},
+@pytest.mark.parametrize("options", [{"mlp": "swiglu"}, {"mlp": "gelu_erf"}, {"norm": "rmsnorm"}, {"qk_norm": True},
                                      {"pos_embed": "rope"}, {"pos_embed": "sincos+rope"},
                                      {"mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True, "pos_embed": "rope",
                                           "block": "in_context"}])
@@ -175,7 +185,7 @@ def test_power_ema_gamma_and_closed_form_average():
 
 def test_new_config_fields_round_trip_and_validate():
     c = build_config(None, {}, ["sample_cfg_interval=[0.1, 0.8]", "sample_apg_eta=0", "ema_std=0.1",
-                                "velocity_cosine_weight=0.5"])
+                                "velocity_cosine_weight=0.5", "sample_guide_scale=2.0"])
     assert (c.sample.cfg_interval, c.sample.apg_eta, c.ema_std, c.velocity_cosine_weight) == ((0.1, 0.8), 0.0, 0.1, 0.5)
     from ditkit.pipeline import Pipeline
 
@@ -338,7 +348,7 @@ def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
 
     run = tmp_path / "run"
     c = build_config(None, {"out": str(run)}, [
-        *TINY_ARGS, "steps=4", "sample_guide_step=2", "sample_guide_unconditional=true",
+        *TINY_ARGS, "steps=4", "sample_guide_step=2", "sample_guide_scale=2.0", "sample_guide_unconditional=true",
         "sample_cfg_interval=[0.1, 0.9]", 'model_args={"mlp": "swiglu", "pos_embed": "rope"}',
         "velocity_cosine_weight=0.5", "ema_std=0.1"])
     train(c, progress=False)
@@ -355,3 +365,18 @@ def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
     short = tmp_path / "short"  # a run shorter than the guide step samples without a guide, silently
     train(build_config(None, {"out": str(short)}, [*TINY_ARGS, "steps=2", "sample_guide_step=400"]), progress=False)
     assert load_pipeline(short).guide is None and not (short / "guide").exists()
+
+
+def test_a_saved_config_without_the_new_fields_keeps_what_it_trained_and_sampled_with():
+    """Runs saved before `mlp` and `cfg_interval` existed had the tanh GELU and guided every step; the new
+    defaults (exact GELU, guidance for t <= 0.75) apply only to new runs."""
+    from ditkit.train.config import TrainConfig
+
+    new = TrainConfig()
+    assert new.mlp == "gelu_erf" and new.sample.cfg_interval == (0.0, 0.75)
+    saved = new.to_dict()
+    del saved["mlp"], saved["sample"]["cfg_interval"]
+    old = TrainConfig.from_dict(saved)
+    assert old.mlp == "gelu" and old.sample.cfg_interval is None
+    kept = TrainConfig.from_dict(new.to_dict())
+    assert kept.mlp == "gelu_erf" and kept.sample.cfg_interval == (0.0, 0.75)

@@ -26,19 +26,21 @@ class ControlBranch(PretrainedMixin, nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, patch_size: int, in_channels: int,
-                 block: str, num_blocks: int, condition: str):
+                 block: str, num_blocks: int, condition: str, mlp: str = "gelu"):
         super().__init__()
         check_condition(condition)
         if num_blocks < 1:
             raise ValueError(f"a control branch needs at least 1 block, got num_blocks={num_blocks}")
         self.config = dict(hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size,
                            in_channels=in_channels, block=block, num_blocks=num_blocks, condition=condition)
+        if mlp != "gelu":  # listed only when used, as DiT's config does
+            self.config["mlp"] = mlp
         self.condition = condition
         self.condition_channels = condition_channels(condition, in_channels)
         # Zero-initialised (PixArt-delta's zero "before" projection): the copies first see the base's tokens.
         self.cond_embedder = PatchEmbed(patch_size, self.condition_channels, hidden_size)
         nn.init.zeros_(self.cond_embedder.proj.weight)
-        self.blocks = nn.ModuleList([_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio)
+        self.blocks = nn.ModuleList([_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio, mlp=mlp)
                                      for _ in range(num_blocks)])
         self.zero_projs = nn.ModuleList([nn.Linear(hidden_size, hidden_size) for _ in range(num_blocks)])
         for proj in self.zero_projs:
@@ -51,11 +53,12 @@ class ControlBranch(PretrainedMixin, nn.Module):
         if not 1 <= num_blocks <= len(base.blocks):
             raise ValueError(f"control_blocks must be in 1..{len(base.blocks)} (the base's depth), got {num_blocks}")
         c = base.config
-        modern = {k: v for k, v in getattr(base, "recipe", {}).items() if k in c}  # non-default recipe options
-        if modern:  # issue 14: the branch copies paper-style blocks only
+        # non-default recipe options; the MLP's kind is copied, the others would need the branch to carry them
+        modern = {k: v for k, v in getattr(base, "recipe", {}).items() if k in c and k != "mlp"}
+        if modern:  # issue 14: the branch copies paper-style blocks (with the base's MLP)
             raise ValueError(f"structure control copies the paper's DiT blocks; this base uses {modern}")
         branch = cls(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["patch_size"], c["in_channels"],
-                     c["block"], num_blocks, condition)
+                     c["block"], num_blocks, condition, mlp=c.get("mlp", "gelu"))
         branch.blocks.load_state_dict(base.blocks[:num_blocks].state_dict())
         return branch.to(base.pos_embed.device)
 

@@ -277,12 +277,14 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer feed-forward: Linear -> GELU (tanh approximation, as DiT) -> Linear."""
+    """Transformer feed-forward: Linear -> GELU (tanh approximation, as DiT) -> Linear. `approximate="none"`
+    is the exact (erf) GELU: the same function within 1e-3, and on a CPU in bf16 a training step of the demo
+    model is about 1.1x faster with it (benchmarks/train_throughput.py)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:

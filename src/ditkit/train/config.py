@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.data.conditions import check_condition
+from ditkit.models.dit import MLPS
 
 
 def identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
@@ -45,6 +46,9 @@ class ModelConfig:
     patch_size: int = identity(4)
     mlp_ratio: float = identity(4.0)
     block: str = identity("adaln_zero")
+    mlp: str = identity("gelu_erf")     # custom only: gelu (the paper's tanh form) | gelu_erf (exact, ~10% faster
+                                        # steps on a CPU in bf16) | swiglu; zoo models keep the paper's unless
+                                        # model_args says otherwise
     class_dropout_prob: float = identity(0.1)
     model_args: dict[str, Any] = identity(default_factory=dict)
 
@@ -86,13 +90,14 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = 1200                   # a resumed run may be extended: the cosine is stretched to the new total
+    steps: int = 1200                   # a resumed run may be extended (a cosine is stretched to the new total)
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
     batch_size: int = identity(64)      # global batch (split across processes)
-    lr: float = identity(2e-3)
+    lr: float = identity(5e-3)          # 2e-3 before issue 14 (benchmarks/recipe_ablation.py)
     weight_decay: float = identity(0.0)
     warmup_steps: int = identity(100)
-    min_lr_ratio: float = identity(0.1)  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = identity(1.0)  # cosine decays to lr * min_lr_ratio; 1: constant after warm-up, the EMA
+                                         # averages (a run cut short by `minutes` is then not mid-decay)
     grad_clip: float = identity(1.0)
     ema_decay: float = identity(0.995)
     ema_warmup: bool = identity(True)   # decay min(ema_decay, (1 + step) / (10 + step))
@@ -113,7 +118,7 @@ class OutputConfig:
     sample_every: int = 0               # 0: only at the end
     tensorboard: bool = False
     samples_per_class: int = 8          # rows of the sample grid written at the end (and every sample_every)
-    sample_guide_step: int | None = 400  # keep the EMA weights of this step in OUT/guide: the autoguidance model
+    sample_guide_step: int | None = None  # keep the EMA weights of this step in OUT/guide: an autoguidance model
 
 
 @dataclass
@@ -122,9 +127,10 @@ class SampleConfig:
     `ditkit.sample()`'s keywords and every field is passed to it: a new sampling option is one field here."""
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
     steps: int | None = 20              # None: the sampler's default
-    cfg_scale: float = 3.0              # with autoguidance below (4 alone before; benchmarks/recipe_ablation.py)
-    cfg_interval: tuple[float, float] | None = None  # (lo, hi) of the trajectory where guidance applies
-    guide_scale: float | None = 2.0     # autoguidance weight on top of CFG, by the guide model (None: none)
+    cfg_scale: float = 2.5              # 4 everywhere before issue 14 (benchmarks/recipe_ablation.py)
+    cfg_interval: tuple[float, float] | None = (0.0, 0.75)  # (lo, hi) of the trajectory where guidance applies
+                                        # (1 = noise): none at the noisiest quarter keeps diversity
+    guide_scale: float | None = None    # autoguidance weight on top of CFG, by the guide model (None: none)
     guide_unconditional: bool = False   # call the guide model with the null label
     shift: float | None = None          # time shift of the step grid (None: plain grid)
     apg_eta: float | None = None        # adaptive projected guidance: parallel weight (None: plain CFG)
@@ -155,12 +161,18 @@ class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, Contro
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """A config from saved or loaded values (run.json's train_config, old flat sampling keys included),
         type-checked and validated."""
-        return build_config(values=values, source=source)
+        return build_config(values=with_old_defaults(values), source=source)
 
     @staticmethod
     def identity_keys() -> tuple[str, ...]:
         """Fields whose change makes a run a different run (resume refuses them)."""
         return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity"))
+
+
+def with_old_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config values, with the value each field had before it existed: a run saved without
+    `mlp` had the paper's tanh GELU in its custom DiT, one without `cfg_interval` guided every step."""
+    return {"mlp": "gelu", "cfg_interval": None, **saved}  # the saved values (sample section included) win
 
 
 def _fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
@@ -350,7 +362,7 @@ def resume_config(config_file: str | None = None, overrides: dict[str, Any] | No
     if found is None:
         raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
     saved = json.loads((found / "run.json").read_text())["train_config"]
-    return build_config(config_file, {**(overrides or {}), "out": out}, assignments, values=saved,
+    return build_config(config_file, {**(overrides or {}), "out": out}, assignments, values=with_old_defaults(saved),
                         source=str(found / "run.json"))
 
 
@@ -363,7 +375,7 @@ def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     choices = {"objective": ("flow", "ddpm", "meanflow"), "precision": ("fp32", "bf16", "fp16"),
                "timestep_sampling": ("uniform", "logit_normal"),
-               "attention": ("full", "factorized", "windowed")}
+               "attention": ("full", "factorized", "windowed"), "mlp": MLPS}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")

@@ -50,7 +50,7 @@ class ImageKind:
             kwargs["interval_embed"] = True
         if c.model == "custom":
             arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
-                        mlp_ratio=c.mlp_ratio, block=c.block)
+                        mlp_ratio=c.mlp_ratio, block=c.block, mlp=c.mlp)
             model = DiT(**{**arch, **kwargs})
         else:
             model = create_model(c.model, **{"block": c.block, **kwargs})

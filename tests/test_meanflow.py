@@ -267,3 +267,7 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     with pytest.raises(ValueError, match="must be a flow-matching run"):
         train(TrainConfig.from_dict(dict(**TINY, steps=1, base=str(tmp_path / "mf"), out=str(tmp_path / "mf2"))),
               progress=False)
+    # the GELU form is not in the keys, so a base with another MLP activation is refused by name
+    with pytest.raises(ValueError, match="has mlp gelu but this config builds mlp gelu_erf: add mlp=gelu"):
+        train(TrainConfig.from_dict({**tune, "mlp": "gelu_erf", "out": str(tmp_path / "mf3")}), progress=False)
+    assert not (tmp_path / "mf3" / "checkpoints").exists()

@@ -28,6 +28,12 @@ def load_base_weights(model: nn.Module, base: Path) -> None:
     if objective != "flow":
         raise ValueError(f"base={base} must be a flow-matching run to start MeanFlow from, "
                          f"got objective={objective}")
+    config_file = base / "config.json"  # the MLP's activation is not in the keys: compare it by name
+    base_mlp = json.loads(config_file.read_text()).get("mlp", "gelu") if config_file.is_file() else "gelu"
+    own_mlp = getattr(model, "config", {}).get("mlp", "gelu")
+    if base_mlp != own_mlp:
+        raise ValueError(f"base={base} has mlp {base_mlp} but this config builds mlp {own_mlp}: "
+                         f"add mlp={base_mlp}")
     weights = "ema.safetensors" if (base / "ema.safetensors").is_file() else "model.safetensors"
     state = ckpt.load_weights(base, weights)
     own = model.state_dict()

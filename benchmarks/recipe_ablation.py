@@ -67,7 +67,7 @@ ROWS: list[tuple[str, bool, str, dict[str, Any], dict[str, Any]]] = [
 # the defaults do
 TRAIN = {"timestep_sampling": "logit_normal", "velocity_cosine_weight": 0.0, "model_args": {}, "ema_std": None,
          "sample_guide_step": 400, "save_every": 200, "keep_last": 10, "steps": 1200, "lr": 2e-3,
-         "min_lr_ratio": 0.1, "ema_decay": 0.995}
+         "min_lr_ratio": 0.1, "ema_decay": 0.995, "batch_size": 64, "warmup_steps": 100, "mlp": "gelu"}
 
 
 def train_seconds(run: Path) -> float | None:

@@ -90,12 +90,12 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = 1200                   # a resumed run may be extended (a cosine is stretched to the new total)
+    steps: int = 2600                   # a resumed run may be extended (a cosine is stretched to the new total)
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first
-    batch_size: int = identity(64)      # global batch (split across processes)
-    lr: float = identity(5e-3)          # 2e-3 before issue 14 (benchmarks/recipe_ablation.py)
+    batch_size: int = identity(32)      # global batch (split across processes); 64 before issue 14
+    lr: float = identity(3.5e-3)        # 2e-3 (batch 64, cosine) before issue 14 (benchmarks/recipe_ablation.py)
     weight_decay: float = identity(0.0)
-    warmup_steps: int = identity(100)
+    warmup_steps: int = identity(200)
     min_lr_ratio: float = identity(1.0)  # cosine decays to lr * min_lr_ratio; 1: constant after warm-up, the EMA
                                          # averages (a run cut short by `minutes` is then not mid-decay)
     grad_clip: float = identity(1.0)

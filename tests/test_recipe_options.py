@@ -210,15 +210,17 @@ def _flow_model() -> DiT:
     return randomised(DiT(**SMALL, learn_sigma=False))
 
 
+def _model_and_sampler(objective: str) -> tuple[DiT, object, dict]:
+    """A random DiT, its objective and a short sampler, for a flow or a Gaussian (learned-sigma) model."""
+    if objective == "flow":
+        return _flow_model(), FlowMatching(), {"sampler": "heun", "steps": 4}
+    torch.manual_seed(0)
+    return randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True), {"sampler": "ddim", "steps": 5}
+
+
 @pytest.mark.parametrize("objective", ["flow", "gaussian"])
 def test_autoguidance_with_the_model_itself_is_plain_conditional_sampling(objective):
-    if objective == "flow":
-        model, obj = _flow_model(), FlowMatching()
-        kw = {"sampler": "heun", "steps": 4}
-    else:
-        torch.manual_seed(0)
-        model, obj = randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True)
-        kw = {"sampler": "ddim", "steps": 5}
+    model, obj, kw = _model_and_sampler(objective)
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     plain = sample(model, obj, noise.shape, y=y, cfg_scale=1.0, noise=noise, progress=False, **kw)
     auto = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, guide_model=model, noise=noise, progress=False, **kw)
@@ -285,12 +287,7 @@ def test_apg_update_formula_on_a_constructed_case():
 
 @pytest.mark.parametrize("objective", ["flow", "gaussian"])
 def test_apg_with_the_whole_parallel_component_is_cfg(objective):
-    if objective == "flow":
-        model, obj, kw = _flow_model(), FlowMatching(), {"sampler": "heun", "steps": 4}
-    else:
-        torch.manual_seed(0)
-        model, obj = randomised(DiT(**SMALL)), create_diffusion("", learn_sigma=True)
-        kw = {"sampler": "ddim", "steps": 5}
+    model, obj, kw = _model_and_sampler(objective)
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(7))
     cfg = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, noise=noise, progress=False, **kw)
     apg1 = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, apg_eta=1.0, noise=noise, progress=False, **kw)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ditkit.data.conditions import check_condition, condition_channels
-from ditkit.models.dit import _BLOCK_CLASSES, DiT
+from ditkit.models.dit import _BLOCK_CLASSES, RECIPE_DEFAULTS, DiT
 from ditkit.models.layers import PatchEmbed
 from ditkit.models.pretrained import PretrainedMixin
 
@@ -26,14 +26,14 @@ class ControlBranch(PretrainedMixin, nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, patch_size: int, in_channels: int,
-                 block: str, num_blocks: int, condition: str, mlp: str = "gelu"):
+                 block: str, num_blocks: int, condition: str, mlp: str = RECIPE_DEFAULTS["mlp"]):
         super().__init__()
         check_condition(condition)
         if num_blocks < 1:
             raise ValueError(f"a control branch needs at least 1 block, got num_blocks={num_blocks}")
         self.config = dict(hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size,
                            in_channels=in_channels, block=block, num_blocks=num_blocks, condition=condition)
-        if mlp != "gelu":  # listed only when used, as DiT's config does
+        if mlp != RECIPE_DEFAULTS["mlp"]:  # listed only when used, as DiT's config does
             self.config["mlp"] = mlp
         self.condition = condition
         self.condition_channels = condition_channels(condition, in_channels)
@@ -58,7 +58,7 @@ class ControlBranch(PretrainedMixin, nn.Module):
         if modern:  # issue 14: the branch copies paper-style blocks (with the base's MLP)
             raise ValueError(f"structure control copies the paper's DiT blocks; this base uses {modern}")
         branch = cls(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["patch_size"], c["in_channels"],
-                     c["block"], num_blocks, condition, mlp=c.get("mlp", "gelu"))
+                     c["block"], num_blocks, condition, mlp=c.get("mlp", RECIPE_DEFAULTS["mlp"]))
         branch.blocks.load_state_dict(base.blocks[:num_blocks].state_dict())
         return branch.to(base.pos_embed.device)
 

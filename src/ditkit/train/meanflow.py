@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ditkit.diffusion.meanflow import MeanFlow
+from ditkit.models.dit import RECIPE_DEFAULTS
 from ditkit.train import checkpoint as ckpt
 
 
@@ -29,8 +30,9 @@ def load_base_weights(model: nn.Module, base: Path) -> None:
         raise ValueError(f"base={base} must be a flow-matching run to start MeanFlow from, "
                          f"got objective={objective}")
     config_file = base / "config.json"  # the MLP's activation is not in the keys: compare it by name
-    base_mlp = json.loads(config_file.read_text()).get("mlp", "gelu") if config_file.is_file() else "gelu"
-    own_mlp = getattr(model, "config", {}).get("mlp", "gelu")
+    paper = RECIPE_DEFAULTS["mlp"]
+    base_mlp = json.loads(config_file.read_text()).get("mlp", paper) if config_file.is_file() else paper
+    own_mlp = getattr(model, "config", {}).get("mlp", paper)
     if base_mlp != own_mlp:
         raise ValueError(f"base={base} has mlp {base_mlp} but this config builds mlp {own_mlp}: "
                          f"add mlp={base_mlp}")

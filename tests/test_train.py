@@ -224,6 +224,41 @@ def test_lr_schedule_and_ema_warmup():
     torch.testing.assert_close(ema.model.weight, 0.1 * before + 0.9 * model.weight)
 
 
+def test_a_time_budget_fits_the_cosine_so_it_ends_with_the_budget(tmp_path, monkeypatch):
+    # a fake clock: every step takes 0.05 s, so minutes=0.1 (6 s) holds 120 steps of steps=1000; fitted at
+    # step 20 (1 s spent) the cosine ends at 20 + 0.97 * 5 s / 0.05 s = 117, and the run ends at its floor
+    from ditkit.train import trainer
+
+    clock = {"now": 0.0}
+    real_step = trainer.train_step
+
+    def timed_step(run):
+        clock["now"] += 0.05
+        return real_step(run)
+
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    args = [a for a in TINY[2:] if not a.startswith(("batch_size", "warmup"))]
+    c = build_config(None, {"data": "patterns", "out": str(tmp_path / "fit")},
+                     [*args, "batch_size=2", "warmup_steps=5", "steps=1000", "minutes=0.1", "min_lr_ratio=0.1",
+                      "save_every=100"])
+    result = train(c, progress=False)
+    assert result.steps in (120, 121)  # the clock is checked before each step (0.05 sums are inexact)
+    rows = list(csv.DictReader(open(tmp_path / "fit" / "metrics.csv")))
+    lr = {int(float(r["step"])): float(r["lr"]) for r in rows}
+    assert lr[60] == pytest.approx(lr_at(c, 59, 117)) and lr[60] < lr_at(c, 59)
+    assert lr[118] == pytest.approx(c.lr * 0.1)  # the floor, reached inside the budget
+    # the fitted end is saved with the checkpoints, so a resumed run keeps it
+    assert ckpt.load_train_state(ckpt.step_dir(tmp_path / "fit", 100))[1]["schedule"] == {"steps": 1000, "ends_at": 117}
+    import shutil
+
+    shutil.rmtree(ckpt.step_dir(tmp_path / "fit", result.steps))
+    train(c, resume=True, progress=False)  # from step 100: the saved end, not a new fit
+    rows = list(csv.DictReader(open(tmp_path / "fit" / "metrics.csv")))
+    lr = {int(float(r["step"])): float(r["lr"]) for r in rows}
+    assert lr[110] == pytest.approx(lr_at(c, 109, 117)) and lr[150] == pytest.approx(c.lr * 0.1)
+
+
 def test_fp16_and_bf16_steps_run_and_stay_finite(tmp_path):
     for precision in ("fp16", "bf16"):
         c = build_config(None, {"data": "patterns", "out": str(tmp_path / precision)},

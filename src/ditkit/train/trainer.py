@@ -57,12 +57,13 @@ class TrainResult:
 # Schedule, optimizer, data order
 # ------------------------------------------------------------------------------------------------
 
-def lr_at(c: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step (c.steps: a run extended
-    on resume follows the cosine of its new total)."""
+def lr_at(c: TrainConfig, step: int, total: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at step `total` (default c.steps: a run extended
+    on resume follows the cosine of its new total; a run with `minutes` passes the total fitted to them)."""
     if step < c.warmup_steps:
         return c.lr * (step + 1) / c.warmup_steps
-    progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+    total = c.steps if total is None else total
+    progress = min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))
     return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -163,6 +164,7 @@ class Run:
     step: int = 0
     skipped: int = 0
     metrics: list[dict[str, float]] = field(default_factory=list)
+    schedule_steps: int | None = None  # where the cosine ends when fitted to `minutes` (None: c.steps)
 
     @property
     def out(self) -> Path:
@@ -243,6 +245,9 @@ def restore_train_state(run: Run, start: Path) -> None:
     if meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     run.step, run.skipped = meta["step"], meta["skipped_steps"]
+    fitted = meta.get("schedule") or {}
+    if fitted.get("steps") == run.c.steps:  # a run extended with a new `steps` stretches its cosine instead
+        run.schedule_steps = fitted["ends_at"]
     run.sampler = EpochSampler(len(run.kind.data), run.c.batch_size, run.c.seed, **meta["data"])
     ckpt.restore_rng(tensors, {"train": run.gen})
     run.metrics = read_metrics(run.out / "metrics.csv", run.step)
@@ -263,7 +268,8 @@ def save(run: Run, info: dict[str, Any]) -> Path:
     if run.dist.is_main:
         model_config = {"model_type": type(saved).__name__, **saved.config}
         extra = {"step": run.step, "skipped_steps": run.skipped, "data": run.sampler.state(),
-                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None}
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "schedule": {"steps": run.c.steps, "ends_at": run.schedule_steps} if run.schedule_steps else None}
         path = ckpt.save_checkpoint(run.out, run.step, model_config, info, model_state,
                                     run.kind.saved(run.ema.model).state_dict(), opt_state, extra,
                                     ckpt.rng_tensors({"train": run.gen}), run.c.keep_last)
@@ -292,7 +298,7 @@ def train_step(run: Run) -> tuple[Tensor, Tensor]:
     kwargs = run.kind.step_inputs(x0, y, drop)
 
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(c, run.step)
+        group["lr"] = lr_at(c, run.step, run.schedule_steps)
     with autocast(device, c.precision):
         loss = run.objective.training_losses(run.forward, x0, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
     run.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +324,7 @@ def log(run: Run, window: list[Tensor], grad_norm: Tensor, seconds: float, steps
     """Average the loss over the window and processes; metrics.csv, progress bar, TensorBoard."""
     loss = distributed.mean_across_ranks(torch.stack(window).mean(), run.dist).item()
     ips = steps_run * run.c.batch_size / seconds
-    run.metrics.append({"step": run.step, "loss": loss, "lr": lr_at(run.c, run.step - 1),
+    run.metrics.append({"step": run.step, "loss": loss, "lr": lr_at(run.c, run.step - 1, run.schedule_steps),
                         "grad_norm": float(grad_norm), "images_per_s": ips, "elapsed_s": seconds})
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
     if run.dist.is_main:
@@ -342,6 +348,27 @@ def tensorboard_writer(c: TrainConfig, dist: distributed.DistInfo) -> Any:
 def sample_grid(run: Run) -> None:
     with autocast(run.dist.device, run.c.precision):
         run.kind.sample_grid(run.out / "samples.png", run.ema.model, run.objective, run.dist.device, run.c.seed)
+
+
+FIT_AFTER = 20  # steps of this process timed before the schedule is fitted to `minutes` (the first is slow)
+
+
+def fit_schedule(run: Run, start_step: int, start_time: float, timed_from: float) -> None:
+    """With `minutes` and a decaying lr, end the cosine where the budget ends instead of at c.steps, so a run
+    stopped by the clock is not left mid-decay. Fitted once, at the end of warm-up (or FIT_AFTER steps into a
+    resumed run), from the measured time per step and a 3% margin; saved with the checkpoints."""
+    c = run.c
+    fit_at = max(c.warmup_steps, start_step + FIT_AFTER)
+    if c.minutes is None or c.min_lr_ratio == 1.0 or run.schedule_steps is not None or run.step != fit_at:
+        return
+    now = time.perf_counter()
+    per_step = (now - timed_from) / (run.step - start_step - 1)  # the first step (start-up) is left out
+    left = c.minutes * 60 - (now - start_time)
+    fitted = torch.tensor(float(run.step + max(0.0, 0.97 * left / per_step)), device=run.dist.device)
+    run.schedule_steps = min(c.steps, round(distributed.mean_across_ranks(fitted, run.dist).item()))
+    if run.schedule_steps < c.steps and run.dist.is_main:
+        tqdm.write(f"lr schedule fitted to minutes={c.minutes:g}: the cosine ends at step {run.schedule_steps} "
+                   f"({per_step * 1000:.0f} ms/step), not at steps={c.steps}", file=sys.stderr)
 
 
 def out_of_time(run: Run, start_time: float) -> bool:
@@ -382,9 +409,13 @@ def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> Tr
                file=sys.stderr, desc="train")
     run.model.train()
     stop.arm()  # from here a signal ends the loop after the current step
+    timed_from = start_time
     while run.step < c.steps and not out_of_time(run, start_time) and not stop.should_stop(dist):
         loss, grad_norm = train_step(run)
         window.append(loss)
+        if run.step == start_step + 1:
+            timed_from = time.perf_counter()
+        fit_schedule(run, start_step, start_time, timed_from)
         if run.step == c.sample_guide_step and dist.is_main:  # the autoguidance model: this early EMA
             run.kind.save_guide(run.kind.saved(run.ema.model), run.out)
         if run.step % c.log_every == 0 or run.step == c.steps:

@@ -365,15 +365,16 @@ def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
 
 
 def test_a_saved_config_without_the_new_fields_keeps_what_it_trained_and_sampled_with():
-    """Runs saved before `mlp` and `cfg_interval` existed had the tanh GELU and guided every step; the new
-    defaults (exact GELU, guidance for t <= 0.75) apply only to new runs."""
+    """Runs saved before `mlp`, `cfg_interval` and `shift` existed had the tanh GELU, guided every step and
+    sampled on the plain grid; the new defaults (exact GELU, guidance for t <= 0.75, shift 1.5) apply only to
+    new runs."""
     from ditkit.train.config import TrainConfig
 
     new = TrainConfig()
-    assert new.mlp == "gelu_erf" and new.sample.cfg_interval == (0.0, 0.75)
+    assert new.mlp == "gelu_erf" and new.sample.cfg_interval == (0.0, 0.75) and new.sample.shift == 1.5
     saved = new.to_dict()
-    del saved["mlp"], saved["sample"]["cfg_interval"]
+    del saved["mlp"], saved["sample"]["cfg_interval"], saved["sample"]["shift"]
     old = TrainConfig.from_dict(saved)
-    assert old.mlp == "gelu" and old.sample.cfg_interval is None
+    assert old.mlp == "gelu" and old.sample.cfg_interval is None and old.sample.shift is None
     kept = TrainConfig.from_dict(new.to_dict())
-    assert kept.mlp == "gelu_erf" and kept.sample.cfg_interval == (0.0, 0.75)
+    assert kept.mlp == "gelu_erf" and kept.sample.cfg_interval == (0.0, 0.75) and kept.sample.shift == 1.5

@@ -173,8 +173,9 @@ class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, Contro
 
 def with_old_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run's config values, with the value each field had before it existed: a run saved without
-    `mlp` had the paper's tanh GELU in its custom DiT, one without `cfg_interval` guided every step."""
-    return {"mlp": "gelu", "cfg_interval": None, **saved}  # the saved values (sample section included) win
+    `mlp` had the paper's tanh GELU in its custom DiT, one without `cfg_interval` guided every step, one
+    without `shift` sampled on the plain grid."""
+    return {"mlp": "gelu", "cfg_interval": None, "shift": None, **saved}  # the saved values (sample section too) win
 
 
 def _fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:

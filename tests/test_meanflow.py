@@ -215,6 +215,24 @@ def test_interval_embedder_is_zero_initialised_and_absent_unless_asked():
         plain(x, t, y, interval=torch.tensor([1.0, 2.0]))
 
 
+def test_interval_scale_is_how_the_embedder_reads_t_minus_r_and_is_saved():
+    torch.manual_seed(0)
+    one = tiny_dit()
+    scaled = DiT(**{**{k: v for k, v in one.config.items()}, "interval_scale": 0.01})
+    scaled.load_state_dict(one.state_dict())
+    assert scaled.config["interval_scale"] == 0.01 and "interval_scale" not in one.config
+    x, t, y, h = torch.randn(2, 2, 8, 8), torch.tensor([300.0, 900.0]), torch.tensor([0, 2]), torch.tensor([100., 500.])
+    with torch.no_grad():
+        assert torch.equal(scaled(x, t, y, interval=h), one(x, t, y, interval=h * 0.01))
+    # new MeanFlow runs embed t - r x 1000 x 0.01; a run saved before the setting existed keeps x 1000
+    from ditkit.train import TrainConfig, build_config
+    from ditkit.train.kinds import make_kind
+
+    assert make_kind(build_config(values=TINY)).build().interval_scale == 0.01
+    old = {k: v for k, v in build_config(values=TINY).to_dict().items() if k != "meanflow_interval_scale"}
+    assert TrainConfig.from_dict(old).meanflow_interval_scale == 1.0
+
+
 TINY = dict(data="patterns", image_size=8, channels=2, hidden_size=32, depth=2, num_heads=4, patch_size=2,
             batch_size=8, warmup_steps=2, log_every=1, samples_per_class=1, objective="meanflow", meanflow_cfg=2.0,
             sampler="meanflow", sample_steps=1, cfg_scale=1.0, precision="bf16")
@@ -271,3 +289,61 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     with pytest.raises(ValueError, match="has mlp gelu but this config builds mlp gelu_erf: add mlp=gelu"):
         train(TrainConfig.from_dict({**tune, "mlp": "gelu_erf", "out": str(tmp_path / "mf3")}), progress=False)
     assert not (tmp_path / "mf3" / "checkpoints").exists()
+
+
+def test_a_two_phase_config_trains_its_flow_base_first_and_resumes_in_either_phase(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from ditkit.train import build_config, resume_config, train
+    from ditkit.train import checkpoint as ckpt
+
+    flow_file = tmp_path / "flow.json"
+    flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2, "out": "ignored"}
+    flow_file.write_text(json.dumps({**flow, "steps": 1}))
+    out = tmp_path / "onestep"
+    mf = dict(**{**TINY, "warmup_steps": 1}, steps=1, lr=1e-12, base=str(flow_file), out=str(out))
+    # a run stopped in its flow phase (here: that phase's config asked for 1 step, now 3) resumes there
+    train(build_config(str(flow_file), {"out": str(out / "base")}), progress=False)
+    flow_file.write_text(json.dumps({**flow, "steps": 3}))
+    config_file = tmp_path / "mf.json"
+    config_file.write_text(json.dumps(mf))
+    resumed = resume_config(str(config_file))  # no MeanFlow checkpoint yet: the config as given
+    assert resumed.base == str(flow_file)
+    run = train(resumed, resume=True)
+    assert "resuming from step 1" in capsys.readouterr().out
+    base_ckpt = ckpt.latest_checkpoint(out / "base")
+    assert base_ckpt.name == ckpt.step_dir(out, 3).name
+    assert json.loads((out / "base" / "finished.json").read_text())["steps"] == 3
+    # phase 2 started from the flow run's EMA weights (lr 1e-12 keeps them), its base now that run
+    base = load_file(str(base_ckpt / "ema.safetensors"))
+    tuned = load_file(str(run.checkpoint / "model.safetensors"))
+    assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in base)
+    assert json.loads((out / "config.json").read_text())["base"] == str(out / "base")
+    # resuming the MeanFlow phase leaves the finished flow run alone
+    before = (base_ckpt / "model.safetensors").stat().st_mtime_ns
+    config_file.write_text(json.dumps({**mf, "steps": 2}))
+    again = train(resume_config(str(config_file)), resume=True, progress=False)
+    assert again.start_step == 1 and again.steps == 2
+    assert (base_ckpt / "model.safetensors").stat().st_mtime_ns == before
+    assert len(ckpt.list_checkpoints(out / "base")) == 2  # steps 1 and 3, nothing new
+
+
+def test_a_base_config_file_is_checked_before_anything_runs(tmp_path):
+    from ditkit.train import TrainConfig, build_config
+
+    with pytest.raises(FileNotFoundError, match="base=nowhere.yaml: config file not found"):
+        TrainConfig.from_dict(dict(TINY, base="nowhere.yaml"))
+    flow_file = tmp_path / "flow.yaml"
+    flow_file.write_text("objective: flow\n")
+    with pytest.raises(ValueError, match="only objective=meanflow trains a base run first"):
+        TrainConfig.from_dict(dict(TINY, objective="flow", base=str(flow_file)))
+    with pytest.raises(ValueError, match="base_minutes is the time budget of a base=CONFIG_FILE run"):
+        TrainConfig.from_dict(dict(TINY, base_minutes=3.0))
+    with pytest.raises(ValueError, match="base_minutes must be > 0"):
+        TrainConfig.from_dict(dict(TINY, base=str(flow_file), base_minutes=0))
+    # in a config file, base= is a path from that file's folder (as an include); given directly, from here
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "mf.yaml").write_text("objective: meanflow\nbase: ../flow.yaml\n")
+    assert build_config(str(tmp_path / "one" / "mf.yaml")).base == str(tmp_path / "one" / ".." / "flow.yaml")

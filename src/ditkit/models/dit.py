@@ -190,6 +190,7 @@ class DiT(PretrainedMixin, nn.Module):
         learn_sigma: bool = True,
         block: str = "adaln_zero",
         interval_embed: bool = False,
+        interval_scale: float = 1.0,
         mlp: str = "gelu",
         norm: str = "layernorm",
         qk_norm: bool = False,
@@ -215,6 +216,9 @@ class DiT(PretrainedMixin, nn.Module):
         self.recipe = recipe
         if interval_embed:  # issue 15: listed only when used, so the paper's config.json stays as it was
             self.config["interval_embed"] = True
+            if interval_scale != 1.0:
+                self.config["interval_scale"] = interval_scale
+        self.interval_scale = interval_scale
         self.input_size = (H, W)
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -320,7 +324,7 @@ class DiT(PretrainedMixin, nn.Module):
             return t_emb
         if self.interval_embedder is None:
             raise ValueError("this DiT takes one time: build it with interval_embed=True to pass interval=")
-        return t_emb + self.interval_embedder(interval)
+        return t_emb + self.interval_embedder(interval * self.interval_scale)
 
     def forward_with_cfg(
         self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = None

@@ -64,7 +64,9 @@ class VideoConfig:
 class ControlConfig:
     """Structure control: only a ControlNet-style branch trains, on a frozen base run (model fields unused)."""
     control: str | None = identity(None)         # None, or the condition image: "edges" | "lowres"
-    base: str | None = identity(None)            # the base run or checkpoint directory (needed with control)
+    base: str | None = identity(None)            # the base run or checkpoint directory (needed with control);
+    #                                              objective=meanflow: or a flow config file, trained first
+    base_minutes: float | None = identity(None)  # base=CONFIG_FILE: that flow run's time budget (None: its own)
     control_blocks: int | None = identity(None)  # blocks copied into the branch; None: half the base's depth
 
 
@@ -86,6 +88,8 @@ class ObjectiveConfig:
     meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
     meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
     meanflow_adaptive_p: float = identity(1.0)   # meanflow: loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain MSE
+    meanflow_interval_scale: float = identity(0.01)  # meanflow: the interval embedder sees (t - r) x 1000 x this
+    #                                              (t is x 1000): smooth in t - r, so the JVP's du/dt stays small
 
 
 @dataclass
@@ -174,8 +178,10 @@ class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, Contro
 def with_old_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run's config values, with the value each field had before it existed: a run saved without
     `mlp` had the paper's tanh GELU in its custom DiT, one without `cfg_interval` guided every step, one
-    without `shift` sampled on the plain grid."""
-    return {"mlp": "gelu", "cfg_interval": None, "shift": None, **saved}  # the saved values (sample section too) win
+    without `shift` sampled on the plain grid, a MeanFlow run without `meanflow_interval_scale` embedded
+    t - r as t."""
+    old = {"mlp": "gelu", "cfg_interval": None, "shift": None, "meanflow_interval_scale": 1.0}
+    return {**old, **saved}  # the saved values (sample section too) win
 
 
 def _fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
@@ -340,7 +346,10 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     section: dict[str, Any] = {}
     _merge(top, section, values or {}, source)
     if config_file:
-        _merge(top, section, read_config_file(config_file), str(config_file))
+        loaded = read_config_file(config_file)
+        if is_config_file(loaded.get("base")):  # a config file names another as an include does: from its folder
+            loaded["base"] = str(Path(config_file).parent / loaded["base"])
+        _merge(top, section, loaded, str(config_file))
     _merge(top, section, {k: v for k, v in (overrides or {}).items() if v is not None}, "")
     pairs = {}
     for item in assignments or []:
@@ -354,6 +363,11 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     return config
 
 
+def is_config_file(path: str | None) -> bool:
+    """Whether `base` names a config file (a flow run to train first) rather than a run directory."""
+    return path is not None and Path(path).suffix in (".yaml", ".yml", ".json")
+
+
 def resume_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
                   assignments: list[str] | None = None) -> TrainConfig:
     """The config of the run to resume (its newest good checkpoint's), with the given file, flags and
@@ -362,6 +376,8 @@ def resume_config(config_file: str | None = None, overrides: dict[str, Any] | No
 
     out = build_config(config_file, overrides, assignments).out
     found = ckpt.latest_checkpoint(out)
+    if found is None and ckpt.list_checkpoints(Path(out) / "base"):  # stopped in a two-phase run's flow phase
+        return build_config(config_file, overrides, assignments)
     if found is None:
         raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
     saved = json.loads((found / "run.json").read_text())["train_config"]
@@ -390,12 +406,24 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"sample_steps must be >= 1, got {c.sample.steps}")
     if c.minutes is not None and c.minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {c.minutes}")
+    if c.meanflow_interval_scale <= 0:
+        raise ValueError(f"meanflow_interval_scale must be > 0, got {c.meanflow_interval_scale}")
+    if c.base_minutes is not None and c.base_minutes <= 0:
+        raise ValueError(f"base_minutes must be > 0, got {c.base_minutes}")
     if c.lr <= 0:
         raise ValueError(f"lr must be > 0, got {c.lr}")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.text_model not in ("mmdit", "pixart"):
         raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
+    if is_config_file(c.base):
+        if c.objective != "meanflow" or c.control is not None:
+            raise ValueError(f"base={c.base} is a config file: only objective=meanflow trains a base run first; "
+                             f"give a run directory instead")
+        if not Path(c.base).is_file():
+            raise FileNotFoundError(f"base={c.base}: config file not found (a path from the current directory)")
+    elif c.base_minutes is not None and c.base is None:
+        raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
     if c.control is None and c.base is not None and c.objective != "meanflow":
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
     if c.control is not None and c.base is None:

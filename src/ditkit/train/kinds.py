@@ -47,7 +47,7 @@ class ImageKind:
         may start from a flow-matching run (base=)."""
         c, kwargs = self.c, self.model_kwargs()
         if c.objective == "meanflow":
-            kwargs["interval_embed"] = True
+            kwargs = {"interval_embed": True, "interval_scale": c.meanflow_interval_scale, **kwargs}
         if c.model == "custom":
             arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
                         mlp_ratio=c.mlp_ratio, block=c.block, mlp=c.mlp)

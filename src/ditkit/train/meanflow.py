@@ -1,16 +1,21 @@
-"""MeanFlow training from a TrainConfig (issue 15): the configured objective, and the start from a
-flow-matching run (`base=RUN`), whose velocity model is the two-time model at r = t."""
+"""MeanFlow training from a TrainConfig (issue 15): the configured objective, the start from a
+flow-matching run (`base=RUN`), whose velocity model is the two-time model at r = t, and the two-phase run
+(`base=CONFIG_FILE`) that trains that flow run first."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ditkit.diffusion.meanflow import MeanFlow
+from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
 from ditkit.train import checkpoint as ckpt
+from ditkit.train.config import build_config, is_config_file
 
 
 def meanflow_objective(c: Any) -> MeanFlow:
@@ -45,3 +50,32 @@ def load_base_weights(model: nn.Module, base: Path) -> None:
         raise ValueError(f"base={base} does not fit this model (set the same model fields as the base run): "
                          f"unexpected or differently shaped {wrong[:4]}, missing {missing[:4]}")
     model.load_state_dict(state, strict=False)
+
+
+BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the MeanFlow run's directory
+FINISHED = "finished.json"  # written there when that run ends (not interrupted): the MeanFlow phase may start
+
+
+def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., Any]) -> tuple[Any, bool]:
+    """The first phase of a two-phase one-step run: with objective=meanflow and base= a flow config file,
+    train that flow run into OUT/base (for base_minutes if set, with this run's seed), then return the config
+    with base= that run, and whether the MeanFlow phase resumes (it has checkpoints). A run stopped in the
+    first phase resumes there; one already past it skips it."""
+    if c.objective != "meanflow" or not is_config_file(c.base):
+        return c, resume
+    out = Path(c.out) / BASE_DIR
+    if not (out / FINISHED).is_file():
+        base = build_config(c.base, {"out": str(out), "seed": c.seed, "minutes": c.base_minutes},
+                            source=f"base={c.base}")
+        if base.objective != "flow":
+            raise ValueError(f"base={c.base} must describe a flow-matching run (objective: flow) to start "
+                             f"MeanFlow from, got objective={base.objective}")
+        if progress:
+            print(f"phase 1 of 2: the flow run {c.base} into {out}"
+                  + (f", at most {c.base_minutes:g} minutes" if c.base_minutes else ""), flush=True)
+        result = train(base, resume=bool(ckpt.list_checkpoints(out)), progress=progress)
+        write_json_atomic(out / FINISHED, {"checkpoint": str(result.checkpoint), "steps": result.steps,
+                                           "seconds": round(result.seconds, 1)})
+        if progress:
+            print(f"phase 2 of 2: MeanFlow from {result.checkpoint}", flush=True)
+    return dataclasses.replace(c, base=str(out)), resume and bool(ckpt.list_checkpoints(c.out))

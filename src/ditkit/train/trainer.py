@@ -37,7 +37,7 @@ from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
-from ditkit.train.meanflow import meanflow_objective
+from ditkit.train.meanflow import meanflow_objective, train_flow_base
 
 
 
@@ -387,7 +387,9 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     """Train as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png (samples.gif for
     video data) to c.out. resume: continue the run in c.out from its newest good checkpoint. Holds c.out's
     lock (RunLocked if another run has it); on SIGINT/SIGTERM saves a checkpoint after the current step and
-    raises TrainingInterrupted."""
+    raises TrainingInterrupted. A MeanFlow config whose base= is a flow config file trains that run first
+    (into c.out/base), then MeanFlow from it."""
+    c, resume = train_flow_base(c, resume, progress, train)
     with run_lock(c.out), catch_interrupts() as stop:
         return _train(c, resume, progress, stop)
 

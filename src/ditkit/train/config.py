@@ -363,6 +363,9 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     return config
 
 
+BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the MeanFlow run's directory
+
+
 def is_config_file(path: str | None) -> bool:
     """Whether `base` names a config file (a flow run to train first) rather than a run directory."""
     return path is not None and Path(path).suffix in (".yaml", ".yml", ".json")
@@ -374,10 +377,11 @@ def resume_config(config_file: str | None = None, overrides: dict[str, Any] | No
     `key=value` applied on top; the trainer then refuses any change to an identity field."""
     from ditkit.train import checkpoint as ckpt
 
-    out = build_config(config_file, overrides, assignments).out
+    given = build_config(config_file, overrides, assignments)
+    out = given.out
     found = ckpt.latest_checkpoint(out)
-    if found is None and ckpt.list_checkpoints(Path(out) / "base"):  # stopped in a two-phase run's flow phase
-        return build_config(config_file, overrides, assignments)
+    if found is None and ckpt.list_checkpoints(Path(out) / BASE_DIR):  # stopped in a two-phase run's flow phase
+        return given
     if found is None:
         raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
     saved = json.loads((found / "run.json").read_text())["train_config"]

@@ -15,7 +15,7 @@ from ditkit.diffusion.meanflow import MeanFlow
 from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
 from ditkit.train import checkpoint as ckpt
-from ditkit.train.config import build_config, is_config_file
+from ditkit.train.config import BASE_DIR, build_config, is_config_file
 
 
 def meanflow_objective(c: Any) -> MeanFlow:
@@ -52,7 +52,6 @@ def load_base_weights(model: nn.Module, base: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the MeanFlow run's directory
 FINISHED = "finished.json"  # written there when that run ends (not interrupted): the MeanFlow phase may start
 
 

@@ -1,13 +1,13 @@
 """MeanFlow fine-tune settings (issue 15): each variant trains `configs/mnist_onestep.yaml`'s MeanFlow phase
-from the same flow run (`--base`, e.g. a demo run) for `--minutes`, then draws N digits per class at 1 and 2
-steps (uniform grid) from the same noise and judges them with ditkit's MNIST-5k classifier: accuracy,
-FD-classifier as a ratio to the real-vs-real baseline at that size, recall. One row per variant, all in this
-process, one after another (run nothing else on the machine: every variant has the same wall-clock
-budget). The README's "weaker base" row is `--base` another run; its improved-MeanFlow and
-folded-interval rows used code that was not kept.
+from the same flow run (`--base`, e.g. a demo run) for `--minutes`, then draws N digits per class at 1 step and
+at 2 steps on the uniform grid and on the config's grid (shift 2) from the same noise, and judges them with
+ditkit's MNIST-5k classifier: accuracy, FD-classifier as a ratio to the real-vs-real baseline at that size,
+recall. One row per variant, all in this process, one after another (run nothing else on the machine: every
+variant has the same wall-clock budget). The README's "weaker base" row is `--base` another run; its
+improved-MeanFlow and folded-interval rows used code that was not kept.
 
     python benchmarks/onestep_recipes.py --base runs/mnist [--minutes 4] [--n-per-class 100] [--out runs/recipes]
-        [--variants interval_x10 interval_x1000 ...]
+        [--variants interval_x10 teacher_uniform ...]
 """
 from __future__ import annotations
 
@@ -22,17 +22,25 @@ from ditkit.pipeline import load_pipeline
 from ditkit.train import build_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_onestep.yaml"
-# the README's table, row by row: key=value overrides of the config's MeanFlow phase
+# the README's table, row by row: key=value overrides of the config's MeanFlow phase. The rows before the
+# teacher regressed the one-sample noise - x0 with logit-normal times; the config now uses the teacher and
+# uniform times, which `teacher_uniform` (no overrides) measures.
+BEFORE_TEACHER = ["meanflow_teacher=false", "timestep_sampling=logit_normal"]
 VARIANTS = {
-    "interval_x1000": ["meanflow_interval_scale=1.0"],
-    "interval_x1000_cfg2": ["meanflow_interval_scale=1.0", "meanflow_cfg=2.0"],
-    "interval_x10": [],
-    "interval_x1": ["meanflow_interval_scale=0.001"],
-    "batch32": ["batch_size=32"],
-    "lr2e-3": ["lr=2e-3"],
-    "unequal0.25": ["meanflow_unequal=0.25"],
-    "unequal0.75": ["meanflow_unequal=0.75"],
-    "cfg2": ["meanflow_cfg=2.0"],
+    "interval_x1000": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0"],
+    "interval_x1000_cfg2": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0", "meanflow_cfg=2.0"],
+    "interval_x10": BEFORE_TEACHER,
+    "interval_x1": [*BEFORE_TEACHER, "meanflow_interval_scale=0.001"],
+    "batch32": [*BEFORE_TEACHER, "batch_size=32"],
+    "lr2e-3": [*BEFORE_TEACHER, "lr=2e-3"],
+    "unequal0.25": [*BEFORE_TEACHER, "meanflow_unequal=0.25"],
+    "unequal0.75": [*BEFORE_TEACHER, "meanflow_unequal=0.75"],
+    "cfg2": [*BEFORE_TEACHER, "meanflow_cfg=2.0"],
+    "teacher": ["timestep_sampling=logit_normal"],
+    "teacher_unequal0.75": ["timestep_sampling=logit_normal", "meanflow_unequal=0.75"],
+    "teacher_uniform": [],
+    "teacher_uniform_cfg2": ["meanflow_cfg=2.0"],
+    "teacher_uniform_p0.5": ["meanflow_adaptive_p=0.5"],
 }
 
 
@@ -47,8 +55,8 @@ def main() -> None:
 
     classifier = load_classifier()
     y, noise = digits(args.n_per_class)
-    print(f"{'variant':<20} {'steps':>6} {'1 step':>7} {'FD/real':>8} {'recall':>7} {'2 steps':>8} {'FD/real':>8}",
-          flush=True)
+    print(f"{'variant':<20} {'steps':>6} {'1 step':>7} {'FD/real':>8} {'recall':>7} {'2 steps':>8} {'FD/real':>8}"
+          f" {'shift 2':>8} {'FD/real':>8}", flush=True)
     for name in args.variants:
         out = Path(args.out) / name
         c = build_config(str(CONFIG), {"out": str(out), "base": args.base, "minutes": args.minutes},
@@ -56,12 +64,13 @@ def main() -> None:
         result = train(c, progress=False)
         pipe = load_pipeline(out)
         row = []
-        for steps in (1, 2):
-            images, _, _ = draw(pipe, y, noise, steps=steps, shift=None)  # uniform grid, as in the README
+        for steps, shift in ((1, None), (2, None), (2, 2.0)):
+            images, _, _ = draw(pipe, y, noise, steps=steps, shift=shift)
             m = evaluate(images, y, classifier=classifier)
             row.append((m["accuracy"], m["fd_classifier"] / m["fd_classifier_real_baseline"], m["recall"]))
-        (a1, r1, rec1), (a2, r2, _) = row
-        print(f"{name:<20} {result.steps:>6} {a1:>7.1%} {r1:>7.2f}x {rec1:>7.2f} {a2:>8.1%} {r2:>7.2f}x", flush=True)
+        (a1, r1, rec1), (a2, r2, _), (a3, r3, _) = row
+        print(f"{name:<20} {result.steps:>6} {a1:>7.1%} {r1:>7.2f}x {rec1:>7.2f} {a2:>8.1%} {r2:>7.2f}x"
+              f" {a3:>8.1%} {r3:>7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,33 @@ def test_cfg_folded_target_equals_the_formula(w, k):
     assert torch.allclose(field, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("w", [1.0, 2.5])
+def test_a_teacher_field_is_the_teachers_guided_velocity(w):
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(6, 1, 2, 2, generator=g), torch.randn(6, 1, 2, 2, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    drop = torch.tensor([0, 0, 1, 0, 1, 0])
+    t = torch.rand(6, generator=g)
+    field = MeanFlow(cfg_scale=w, teacher=LabelField()).guided_field(torch.nn.Identity(), z, t, v,
+                                                                     {"y": y, "force_drop_ids": drop})
+    v_cond, v_null = z * bc(y + 1.0, z), 4 * z
+    expected = v_null + w * (v_cond - v_null)
+    expected[drop == 1] = v_null[drop == 1]  # the noise - x0 estimate v plays no part
+    assert torch.allclose(field, expected, atol=1e-6)
+
+
+def test_with_the_exact_teacher_the_exact_u_has_zero_loss_where_noise_minus_x0_does_not():
+    # the teacher's velocity is the marginal v that noise - x0 estimates: same target mean, no variance
+    g = torch.Generator().manual_seed(3)
+    x0 = MU + SIGMA * torch.randn(64, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.stack(times(64, seed=4), dim=1)
+    t[::4, 1] = t[::4, 0]  # some r = t pairs too
+    plain = MeanFlow(adaptive_p=0.0).training_losses(ExactAverageVelocity(), x0, t)["mse"]
+    taught = MeanFlow(adaptive_p=0.0, teacher=ExactAverageVelocity()).training_losses(ExactAverageVelocity(), x0, t)
+    assert plain.mean() > 0.1
+    assert taught["mse"].max() < 1e-18
+
+
 def test_time_pairs_come_from_the_generator_with_the_asked_share_of_r_equal_t():
     mf = MeanFlow(unequal_fraction=0.25)
     a = mf.sample_t(20000, torch.Generator().manual_seed(5))
@@ -282,6 +309,15 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     tuned = load_file(str(run.checkpoint / "model.safetensors"))
     assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in base)
     assert any(k.startswith("interval_embedder") for k in tuned)
+    # with the base as teacher: a resumed run rebuilds the teacher from the base, not from its own checkpoint
+    taught = {**tune, "lr": 1e-3, "meanflow_teacher": True}
+    whole = train(TrainConfig.from_dict({**taught, "steps": 2, "out": str(tmp_path / "t2")}), progress=False)
+    train(TrainConfig.from_dict({**taught, "steps": 1, "out": str(tmp_path / "t11")}), progress=False)
+    again = train(TrainConfig.from_dict({**taught, "steps": 2, "out": str(tmp_path / "t11")}), resume=True,
+                  progress=False)
+    a, b = (load_file(str(r.checkpoint / "model.safetensors")) for r in (whole, again))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["final_layer.linear.weight"],
+                                                                       tuned["final_layer.linear.weight"])
     with pytest.raises(ValueError, match="must be a flow-matching run"):
         train(TrainConfig.from_dict(dict(**TINY, steps=1, base=str(tmp_path / "mf"), out=str(tmp_path / "mf2"))),
               progress=False)
@@ -343,6 +379,10 @@ def test_a_base_config_file_is_checked_before_anything_runs(tmp_path):
         TrainConfig.from_dict(dict(TINY, base_minutes=3.0))
     with pytest.raises(ValueError, match="base_minutes must be > 0"):
         TrainConfig.from_dict(dict(TINY, base=str(flow_file), base_minutes=0))
+    with pytest.raises(ValueError, match="meanflow_teacher=true takes its velocity from the base run"):
+        TrainConfig.from_dict(dict(TINY, meanflow_teacher=True))
+    with pytest.raises(ValueError, match="set meanflow_cfg_mix=0"):
+        TrainConfig.from_dict(dict(TINY, base=str(flow_file), meanflow_teacher=True, meanflow_cfg_mix=0.4))
     # in a config file, base= is a path from that file's folder (as an include); given directly, from here
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "mf.yaml").write_text("objective: meanflow\nbase: ../flow.yaml\n")

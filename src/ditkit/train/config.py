@@ -90,6 +90,8 @@ class ObjectiveConfig:
     meanflow_adaptive_p: float = identity(1.0)   # meanflow: loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain MSE
     meanflow_interval_scale: float = identity(0.01)  # meanflow: the interval embedder sees (t - r) x 1000 x this
     #                                              (t is x 1000): smooth in t - r, so the JVP's du/dt stays small
+    meanflow_teacher: bool = identity(False)     # meanflow with base=: the base's own (guided) velocity is the
+    #                                              target's v instead of noise - x0 (same mean, far less variance)
 
 
 @dataclass
@@ -428,6 +430,12 @@ def validate(c: TrainConfig) -> None:
             raise FileNotFoundError(f"base={c.base}: config file not found (a path from the current directory)")
     elif c.base_minutes is not None and c.base is None:
         raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
+    if c.meanflow_teacher and (c.objective != "meanflow" or c.base is None):
+        raise ValueError("meanflow_teacher=true takes its velocity from the base run: it needs objective=meanflow "
+                         "and base=RUN_DIR (or a flow config file)")
+    if c.meanflow_teacher and c.meanflow_cfg_mix > 0:
+        raise ValueError("meanflow_cfg_mix mixes the model's own predictions into the target, which "
+                         "meanflow_teacher=true replaces with the teacher's: set meanflow_cfg_mix=0")
     if c.control is None and c.base is not None and c.objective != "meanflow":
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
     if c.control is not None and c.base is None:

@@ -10,6 +10,7 @@ see the same numbers, and a resumed run continues bit-identically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -205,6 +206,8 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
         objective = build_objective(c.objective, c.timestep_sampling, cosine_weight=c.velocity_cosine_weight)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = kind.build().to(dist.device)
+    if c.objective == "meanflow" and c.meanflow_teacher:  # the base's weights, frozen before any update
+        objective.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     model.grad_checkpointing = c.grad_checkpoint
     run = Run(c, dist, kind, objective, model, EMA(model, decay=c.ema_decay, warmup=c.ema_warmup, power_std=c.ema_std),
               torch.Generator().manual_seed(c.seed), EpochSampler(len(kind.data), c.batch_size, c.seed))

@@ -131,28 +131,42 @@ class MeanFlow(FlowMatching):
             u_tgt[pick] = v[pick] - self._bcast(h[pick], v) * dudt.to(v.dtype)
         return u, u_tgt.detach()
 
+    @staticmethod
+    def _pop_kept(t: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """Which rows keep their label: `force_drop_ids` != 1 (all rows without it). Pops it from kwargs, so
+        the calls that follow set their own."""
+        drop = kwargs.pop("force_drop_ids", None)
+        return torch.ones_like(t, dtype=torch.bool) if drop is None else drop.to(t.device) != 1
+
+    def _cond_and_null(self, model: Model, z: Tensor, t: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(u(z, t, t | c), u(z, t, t | null)) without gradients, in one doubled batch: the null half is forced
+        by force_drop_ids, so kwargs must not carry its own (`_pop_kept` first)."""
+        y = kwargs["y"]
+        ids = torch.cat([torch.zeros_like(y), torch.ones_like(y)])
+        with torch.no_grad():
+            both = self.velocity(model, torch.cat([z, z]), torch.cat([t, t]),
+                                 {**kwargs, "y": torch.cat([y, y]), "force_drop_ids": ids})
+        return both.to(z.dtype).chunk(2)
+
     def guided_field(self, model: Model, z: Tensor, t: Tensor, v: Tensor,
                      model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """The field regressed with guidance folded in: w v + k u(z, t, t | c) + (1 - w - k) u(z, t, t | null)
-        for labelled samples, v where the label was dropped (`force_drop_ids` == 1) or with no labels."""
+        for labelled samples, v where the label was dropped (`force_drop_ids` == 1) or with no labels; with a
+        teacher, `teacher_field` instead."""
         if self.teacher is not None:
             return self.teacher_field(z, t, model_kwargs)
         kwargs = dict(model_kwargs or {})
         y = kwargs.get("y")
         if self.cfg_scale == 1.0 or y is None:
             return v
-        drop = kwargs.pop("force_drop_ids", None)
-        kept = torch.ones_like(t, dtype=torch.bool) if drop is None else drop.to(t.device) != 1
+        kept = self._pop_kept(t, kwargs)
         w, k = self.cfg_scale, self.cfg_mix
-        with torch.no_grad():
-            if k > 0:  # conditional and unconditional in one batch, the null half forced by force_drop_ids
-                ids = torch.cat([torch.zeros_like(y), torch.ones_like(y)])
-                both = self.velocity(model, torch.cat([z, z]), torch.cat([t, t]),
-                                     {**kwargs, "y": torch.cat([y, y]), "force_drop_ids": ids})
-                u_cond, u_null = both.to(v.dtype).chunk(2)
-            else:
-                u_cond = 0.0
-                u_null = self.velocity(model, z, t, {**kwargs, "force_drop_ids": torch.ones_like(y)}).to(v.dtype)
+        if k > 0:
+            u_cond, u_null = self._cond_and_null(model, z, t, kwargs)
+        else:  # the conditional part has no weight: only the null half runs
+            u_cond = 0.0
+            with torch.no_grad():
+                u_null = self.velocity(model, z, t, {**kwargs, "force_drop_ids": torch.ones_like(y)}).to(z.dtype)
         guided = w * v + k * u_cond + (1 - w - k) * u_null
         return torch.where(kept.reshape(-1, *([1] * (z.ndim - 1))), guided, v)
 
@@ -161,16 +175,11 @@ class MeanFlow(FlowMatching):
         samples, v(null) where the label was dropped. It is the marginal velocity the noise - x0 of one sample
         estimates, so the MeanFlow target keeps its mean and loses that estimate's variance."""
         kwargs = dict(model_kwargs or {})
-        y = kwargs.get("y")
-        with torch.no_grad():
-            if y is None:
+        if kwargs.get("y") is None:
+            with torch.no_grad():
                 return self.velocity(self.teacher, z, t, kwargs).to(z.dtype)
-            drop = kwargs.pop("force_drop_ids", None)
-            kept = torch.ones_like(t, dtype=torch.bool) if drop is None else drop.to(t.device) != 1
-            ids = torch.cat([torch.zeros_like(y), torch.ones_like(y)])
-            both = self.velocity(self.teacher, torch.cat([z, z]), torch.cat([t, t]),
-                                 {**kwargs, "y": torch.cat([y, y]), "force_drop_ids": ids})
-            v_cond, v_null = both.to(z.dtype).chunk(2)
+        kept = self._pop_kept(t, kwargs)
+        v_cond, v_null = self._cond_and_null(self.teacher, z, t, kwargs)
         guided = v_null + self.cfg_scale * (v_cond - v_null)
         return torch.where(kept.reshape(-1, *([1] * (z.ndim - 1))), guided, v_null)
 

@@ -4,7 +4,7 @@ at 2 steps on the uniform grid and on the config's grid (shift 2) from the same 
 ditkit's MNIST-5k classifier: accuracy, FD-classifier as a ratio to the real-vs-real baseline at that size,
 recall. One row per variant, all in this process, one after another (run nothing else on the machine: every
 variant has the same wall-clock budget). The README's "weaker base" row is `--base` another run; its
-improved-MeanFlow and folded-interval rows used code that was not kept.
+improved-MeanFlow and folded-interval rows (with and without the teacher) used code that was not kept.
 
     python benchmarks/onestep_recipes.py --base runs/mnist [--minutes 4] [--n-per-class 100] [--out runs/recipes]
         [--variants interval_x10 teacher_uniform ...]
@@ -42,6 +42,9 @@ VARIANTS = {
     "teacher_uniform_cfg2": ["timestep_sampling=uniform", "meanflow_cfg=2.0"],
     "teacher_uniform_cfg3": ["timestep_sampling=uniform", "meanflow_cfg=3.0"],
     "teacher_uniform_p0.5": ["timestep_sampling=uniform", "meanflow_adaptive_p=0.5"],
+    "teacher_uniform_ema0.995": ["timestep_sampling=uniform", "ema_decay=0.995"],
+    "teacher_uniform_unequal0.25": ["timestep_sampling=uniform", "meanflow_unequal=0.25"],
+    "teacher_uniform_batch128": ["timestep_sampling=uniform", "batch_size=128"],
 }
 
 

@@ -4,7 +4,8 @@ at 2 steps on the uniform grid and on the config's grid (shift 2) from the same 
 ditkit's MNIST-5k classifier: accuracy, FD-classifier as a ratio to the real-vs-real baseline at that size,
 recall. One row per variant, all in this process, one after another (run nothing else on the machine: every
 variant has the same wall-clock budget). The README's "weaker base" row is `--base` another run; its
-improved-MeanFlow and folded-interval rows (with and without the teacher) used code that was not kept.
+improved-MeanFlow and folded-interval rows (with and without the teacher) used code that was not kept. The rows
+feed t x 1000 (the demo's flow_time_scale, which `--base` must have; the config's own 10 needs a base trained so).
 
     python benchmarks/onestep_recipes.py --base runs/mnist [--minutes 4] [--n-per-class 100] [--out runs/recipes]
         [--variants interval_x10 teacher_uniform ...]
@@ -23,9 +24,10 @@ from ditkit.train import build_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_onestep.yaml"
 # the README's table, row by row: key=value overrides of the config's MeanFlow phase. The rows before the
-# teacher regressed the one-sample noise - x0; the config now uses the teacher, which `teacher` (no
-# overrides) measures.
+# teacher regressed the one-sample noise - x0; `teacher` (no overrides but AT_X1000) is the config's MeanFlow
+# phase fed t x 1000.
 BEFORE_TEACHER = ["meanflow_teacher=false"]
+AT_X1000 = ["flow_time_scale=1000", "meanflow_interval_scale=0.01"]  # every row: t x 1000, t - r x 10
 VARIANTS = {
     "interval_x1000": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0"],
     "interval_x1000_cfg2": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0", "meanflow_cfg=2.0"],
@@ -64,7 +66,7 @@ def main() -> None:
     for name in args.variants:
         out = Path(args.out) / name
         c = build_config(str(CONFIG), {"out": str(out), "base": args.base, "minutes": args.minutes},
-                         ["steps=100000", "save_every=100000", *VARIANTS[name]])
+                         ["steps=100000", "save_every=100000", *AT_X1000, *VARIANTS[name]])
         result = train(c, progress=False)
         pipe = load_pipeline(out)
         row = []

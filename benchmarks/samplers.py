@@ -37,7 +37,7 @@ def main() -> None:
     y, noise = digits(args.n_per_class)
     pipe, _ = trained_run(args.run, {"objective": "flow"})
     gaussian = create_diffusion("", learn_sigma=False)
-    as_eps = EpsilonFromVelocity(pipe.model, gaussian.alphas_cumprod)
+    as_eps = EpsilonFromVelocity(pipe.model, gaussian.alphas_cumprod, pipe.objective)
     rows = []
     print(f"{'sampler':<7} {'steps':>5} {'NFE':>5} {'FD-classifier':>13} {'accuracy':>9} {'seconds':>8}", flush=True)
     for sampler in args.samplers:

@@ -227,6 +227,8 @@ def test_cli_edit_fits_another_size_and_colour_to_the_model(runs, tmp_path, caps
      r"does not fit the base model .*channels 3 vs the base's 1; image size \(32, 32\) vs the base's \(16, 16\)"),
     ("train", {"--control": "edges", "--base": "BASE", "--objective": "ddpm", "image_size=16": ""},
      "was trained with objective=flow"),
+    ("train", {"--control": "edges", "--base": "BASE", "flow_time_scale=10": "", "image_size=16": ""},
+     "was trained with flow_time_scale=1000: train its control branch with flow_time_scale=1000"),
 ])
 def test_cli_bad_input_is_one_clear_error(runs, tmp_path, capsys, monkeypatch, command, options, match):
     monkeypatch.chdir(tmp_path)

@@ -37,6 +37,17 @@ def test_the_model_sees_t_scaled_to_the_gaussian_range():
     fm.sample_loop(model, (1, 1, 2, 2), sampler="euler", steps=2)
     assert FLOW_TIME_SCALE == 1000.0
     assert seen[0].tolist() == [0.0, 1000.0] and [s.item() for s in seen[1:]] == [1000.0, 500.0]
+    # a time_scale of its own: the model sees t x 10, and the sampler's previews map it back
+    from ditkit.sampling import x0_prediction
+
+    seen.clear()
+    ten = FlowMatching(time_scale=10)
+    ten.sample_loop(model, (1, 1, 2, 2), sampler="euler", steps=2)
+    assert [s.item() for s in seen] == [10.0, 5.0] and ten.time_fraction(torch.tensor([5.0])).item() == 0.5
+    x, v = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)
+    assert torch.equal(x0_prediction(ten, x, torch.tensor([5.0]), v), x - 0.5 * v)
+    with pytest.raises(ValueError, match="time_scale must be > 0"):
+        FlowMatching(time_scale=0)
 
 
 def test_training_time_sampling():
@@ -165,17 +176,20 @@ def test_bad_arguments():
         fm.sample_loop(model, (1, 1, 1, 1), sampler="euler", steps=2, step_noises=[torch.zeros(1, 1, 1, 1)] * 2)
 
 
-def test_velocity_model_as_epsilon_model_is_exact():
+@pytest.mark.parametrize("time_scale", [FLOW_TIME_SCALE, 10.0])
+def test_velocity_model_as_epsilon_model_is_exact(time_scale):
     """EpsilonFromVelocity of the exact velocity predictor is the exact epsilon predictor at every
     Gaussian step (1e-6: the flow time reaches the model in float32, as in flow sampling), so DDPM/DDIM
-    sample a flow model correctly."""
+    sample a flow model correctly, whatever time scale it was trained with."""
     from test_gaussian_diffusion import exact_eps_model
 
     from ditkit.diffusion import create_diffusion
     from ditkit.diffusion.flow import EpsilonFromVelocity
 
     diffusion = create_diffusion("", learn_sigma=False)
-    converted = EpsilonFromVelocity(exact_velocity_model(MIXTURE), diffusion.alphas_cumprod)
+    exact_v = exact_velocity_model(MIXTURE)  # called with t x 1000
+    converted = EpsilonFromVelocity(lambda x, t: exact_v(x, t * (FLOW_TIME_SCALE / time_scale)),
+                                    diffusion.alphas_cumprod, FlowMatching(time_scale=time_scale))
     exact = exact_eps_model(MIXTURE, diffusion)
     x = torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
     for step in (0, 1, 100, 500, 900, 999):

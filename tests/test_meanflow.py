@@ -387,3 +387,60 @@ def test_a_base_config_file_is_checked_before_anything_runs(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "mf.yaml").write_text("objective: meanflow\nbase: ../flow.yaml\n")
     assert build_config(str(tmp_path / "one" / "mf.yaml")).base == str(tmp_path / "one" / ".." / "flow.yaml")
+
+
+def test_a_small_time_scale_makes_du_dt_the_trajectorys_and_not_the_time_embeddings():
+    """Fed t x 1000, DiT's top embedding frequency turns 1000 radians per unit of t, and the JVP's du/dt is
+    that of wiggles on a 1e-3 scale: a difference quotient over 1e-3 of the time range misses it by 69%
+    (|du/dt| 55,000 here). Fed t x 10, the quotient agrees to 0.08% (|du/dt| 330). Random-weight DiT, float32."""
+    t, r = (a.float() for a in times(8, seed=2))
+    g = torch.Generator().manual_seed(3)
+    z, v = torch.randn(8, 2, 8, 8, generator=g), torch.randn(8, 2, 8, 8, generator=g)
+    kwargs, eps = {"y": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}, 1e-3
+    errors, sizes = {}, {}
+    for scale in (FLOW_TIME_SCALE, 10.0):
+        mf, model = MeanFlow(time_scale=scale), tiny_dit()
+        _, u_tgt = mf.jvp_target(model, z, t, r, v, kwargs)
+        dudt = (v - u_tgt) / bc(t - r, v)
+        with torch.no_grad():
+            quotient = (mf.average_velocity(model, z + eps * v, t + eps, r, kwargs)
+                        - mf.average_velocity(model, z - eps * v, t - eps, r, kwargs)) / (2 * eps)
+        errors[scale] = ((quotient - dudt).norm() / dudt.norm()).item()
+        sizes[scale] = dudt.norm().item()
+    assert errors[10.0] < 0.01 and errors[FLOW_TIME_SCALE] > 0.3
+    assert sizes[FLOW_TIME_SCALE] > 20 * sizes[10.0]
+
+
+def test_a_time_scale_trains_loads_and_is_held_by_the_base_and_its_meanflow_run(tmp_path):
+    import json
+
+    from ditkit.pipeline import load_pipeline
+    from ditkit.train import TrainConfig, build_config, train
+
+    flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2, "flow_time_scale": 10.0}
+    train(TrainConfig.from_dict(dict(**flow, steps=1, out=str(tmp_path / "flow"))), progress=False)
+    assert load_pipeline(tmp_path / "flow").objective.time_scale == 10.0
+    tune = dict(**TINY, steps=1, base=str(tmp_path / "flow"), meanflow_teacher=True, flow_time_scale=10.0,
+                out=str(tmp_path / "mf"))
+    train(TrainConfig.from_dict(tune), progress=False)
+    pipe = load_pipeline(tmp_path / "mf")
+    assert isinstance(pipe.objective, MeanFlow) and pipe.objective.time_scale == 10.0
+    seen = []
+    pipe.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args[1], kwargs["interval"])),
+                                         with_kwargs=True)
+    ditkit.sample(pipe.model, pipe.objective, (2, 2, 8, 8), y=torch.tensor([0, 1]), progress=False)
+    assert seen[0][0].tolist() == [10.0, 10.0] and seen[0][1].tolist() == [10.0, 10.0]
+    with pytest.raises(ValueError, match="flow_time_scale=10 but this run has 1000: set flow_time_scale=10"):
+        train(TrainConfig.from_dict({**tune, "flow_time_scale": 1000.0, "out": str(tmp_path / "mf2")}),
+              progress=False)
+    with pytest.raises(ValueError, match="flow_time_scale is for objective=flow or meanflow"):
+        TrainConfig.from_dict(dict(TINY, objective="ddpm", flow_time_scale=10.0))
+    with pytest.raises(ValueError, match="flow_time_scale must be > 0"):
+        TrainConfig.from_dict(dict(TINY, flow_time_scale=0.0))
+    # a two-phase run trains its flow base with its own time scale
+    flow_file = tmp_path / "flow.json"
+    flow_file.write_text(json.dumps({**flow, "flow_time_scale": 1000.0, "steps": 1, "out": "ignored"}))
+    two = build_config(values=dict(**TINY, steps=1, base=str(flow_file), flow_time_scale=10.0,
+                                   out=str(tmp_path / "two")))
+    train(two, progress=False)
+    assert json.loads((tmp_path / "two" / "base" / "config.json").read_text())["flow_time_scale"] == 10.0

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ditkit.data.conditions import make_condition
 from ditkit.data.latents import load_latent_space
-from ditkit.diffusion import GaussianDiffusion, build_objective
+from ditkit.diffusion import FLOW_TIME_SCALE, GaussianDiffusion, build_objective
 from ditkit.sampling.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
 from ditkit.io import atomic_path, check_writable
@@ -86,7 +86,8 @@ class Pipeline:
             classes = {c.__name__: c for c in (VideoDiT, MMDiT, PixArtDiT)}
             model = classes.get(model_type, DiT).from_pretrained(path, weights_name=weights).to(device).eval()
         config = info.get("train_config", {})
-        objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"))
+        objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"),
+                                    time_scale=config.get("flow_time_scale", FLOW_TIME_SCALE))
         guide = load_guide(path.parent.parent, device) if type(model) is DiT else None
         return cls(model=model, objective=objective, info=info, vae=vae or info.get("vae"), device=device,
                    guide=guide)

@@ -9,16 +9,16 @@ __all__ = ["FLOW_TIME_SCALE", "FlowMatching", "GaussianDiffusion", "MeanFlow", "
            "get_named_beta_schedule", "space_timesteps"]
 
 
-def build_objective(objective: str, timestep_sampling: str = "logit_normal",
-                    cosine_weight: float = 0.0) -> GaussianDiffusion | FlowMatching | MeanFlow:
+def build_objective(objective: str, timestep_sampling: str = "logit_normal", cosine_weight: float = 0.0,
+                    time_scale: float = FLOW_TIME_SCALE) -> GaussianDiffusion | FlowMatching | MeanFlow:
     """The objective a run names: "flow": rectified flow (velocity prediction); "ddpm": the original DiT
     recipe (1000 linear-beta steps, epsilon prediction, learned sigma, hybrid loss); "meanflow": average
     velocity for one-step generation (training builds it from the config's meanflow settings). cosine_weight:
-    flow's velocity-direction loss term."""
+    flow's velocity-direction loss term. time_scale: flow's and MeanFlow's model sees t x this."""
     if objective == "flow":
-        return FlowMatching(timestep_sampling=timestep_sampling, cosine_weight=cosine_weight)
+        return FlowMatching(timestep_sampling=timestep_sampling, cosine_weight=cosine_weight, time_scale=time_scale)
     if objective == "ddpm":
         return create_diffusion("", learn_sigma=True)
     if objective == "meanflow":
-        return MeanFlow(timestep_sampling=timestep_sampling)
+        return MeanFlow(timestep_sampling=timestep_sampling, time_scale=time_scale)
     raise ValueError(f"unknown objective {objective!r}: expected flow, ddpm or meanflow")

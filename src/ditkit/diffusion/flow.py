@@ -16,8 +16,9 @@ from ditkit.diffusion.gaussian import StepHook, check_step_noises, mean_flat, sa
 
 Model = Callable[..., Tensor]
 
-# The model sees t * FLOW_TIME_SCALE: DiT's sinusoidal timestep embedder was designed for Gaussian steps
-# 0..999, so flow time [0, 1] is fed as [0, 1000] and the same embedder (and frequencies) fit both objectives.
+# The model sees t * FLOW_TIME_SCALE by default: DiT's sinusoidal timestep embedder was designed for Gaussian
+# steps 0..999, so flow time [0, 1] is fed as [0, 1000] and the same embedder (and frequencies) fit both
+# objectives. A `time_scale` of its own (MeanFlow: 10) makes the model smooth in t (see FlowMatching).
 FLOW_TIME_SCALE = 1000.0
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -38,11 +39,15 @@ class FlowMatching:
     drawn t and, unless a sampler is given its own, to the sampling grid. loss_weight: optional function of
     t giving each sample's loss weight (None: 1). cosine_weight: weight of the velocity-direction term
     1 - cos(v_pred, v_target) per sample (LightningDiT, Yao et al. 2025; 0: plain flow matching).
+    time_scale: the model is fed t * time_scale (default FLOW_TIME_SCALE, 1000). The embedder's top frequency
+    is then time_scale radians per unit of t: at 1000 a trained model can wiggle in t on a scale of 1e-3, harmless
+    for a sampler but not for a derivative in t (MeanFlow's JVP); 10 keeps it smooth (sCM, Lu & Song 2024,
+    feed t unscaled for the same reason).
     """
 
     def __init__(self, timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
                  shift: float = 1.0, loss_weight: Callable[[Tensor], Tensor] | None = None,
-                 cosine_weight: float = 0.0):
+                 cosine_weight: float = 0.0, time_scale: float = FLOW_TIME_SCALE):
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}: "
                              f"expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
@@ -52,9 +57,13 @@ class FlowMatching:
         if cosine_weight < 0:
             raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
         self.shift, self.loss_weight, self.cosine_weight = shift, loss_weight, cosine_weight
+        if time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        self.time_scale = float(time_scale)
 
     def __repr__(self) -> str:
-        return f"FlowMatching(timestep_sampling={self.timestep_sampling!r}, shift={self.shift})"
+        return (f"FlowMatching(timestep_sampling={self.timestep_sampling!r}, shift={self.shift}, "
+                f"time_scale={self.time_scale:g})")
 
     # ---- the path ------------------------------------------------------------------------------
     def sample_t(self, n: int, generator: torch.Generator | None = None,
@@ -90,7 +99,7 @@ class FlowMatching:
 
     def time_fraction(self, model_t: Tensor) -> Tensor:
         """Where a model timestep lies in the trajectory: flow time t (1 = pure noise)."""
-        return model_t.float() / FLOW_TIME_SCALE
+        return model_t.float() / self.time_scale
 
     def x0_coefficients(self, model_t: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b), each (N,), with the denoised image x0 = a x_t + b v: x0 = x_t - t v."""
@@ -100,7 +109,7 @@ class FlowMatching:
     def velocity(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """The model's velocity at flow time t (N,): its first C output channels (a learned-sigma model's
         extra channels carry nothing here)."""
-        out = model(x, t * FLOW_TIME_SCALE, **(model_kwargs or {}))
+        out = model(x, t * self.time_scale, **(model_kwargs or {}))
         return out[:, : x.shape[1]]
 
     def training_losses(self, model: Model, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
@@ -193,12 +202,13 @@ class EpsilonFromVelocity(torch.nn.Module):
 
     The Gaussian x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, divided by a + b (a = sqrt(abar),
     b = sqrt(1 - abar)), is the flow state at s = b / (a + b); there the velocity gives
-    eps = x_s + (1 - s) v. `alphas_cumprod` is the base schedule's (the steps the model is called with).
+    eps = x_s + (1 - s) v. `alphas_cumprod` is the base schedule's (the steps the model is called with);
+    `flow` the objective the model was trained with (its time_scale; default FlowMatching()).
     """
 
-    def __init__(self, model: Model, alphas_cumprod: Tensor):
+    def __init__(self, model: Model, alphas_cumprod: Tensor, flow: FlowMatching | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.flow = model, flow or FlowMatching()
         self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64), persistent=False)
 
     def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -206,5 +216,5 @@ class EpsilonFromVelocity(torch.nn.Module):
         a, b = abar.sqrt(), (1 - abar).sqrt()
         s = (b / (a + b)).to(torch.float32)
         x_s = x / FlowMatching._bcast((a + b).to(x.dtype), x)
-        v = self.model(x_s, s * FLOW_TIME_SCALE, *args, **kwargs).to(x.dtype)
+        v = self.model(x_s, s * self.flow.time_scale, *args, **kwargs).to(x.dtype)
         return x_s + FlowMatching._bcast((1 - s).to(x.dtype), x) * v

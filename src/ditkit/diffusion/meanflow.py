@@ -10,7 +10,7 @@ so that one jump z_r = z_t - (t - r) u(z_t, r, t) follows the whole trajectory. 
 (t - r) u = integral_r^t v in t gives the MeanFlow identity u = v - (t - r) du/dt, with the total derivative
 du/dt = v . d_z u + d_t u along the path (r fixed): one Jacobian-vector product of the network with the
 tangent (v, 0, 1) in (z, r, t). The regression target u_tgt = v - (t - r) du/dt is held fixed
-(stop-gradient). The model is fed t and the interval t - r (both x FLOW_TIME_SCALE); at r = t it is a
+(stop-gradient). The model is fed t and the interval t - r (both x time_scale); at r = t it is a
 plain velocity model, so FlowMatching's Euler and Heun samplers also run it.
 
 Guidance is folded into the target (the paper's sec. 4.2): for a labelled sample the field regressed is
@@ -50,12 +50,16 @@ class MeanFlow(FlowMatching):
     p = 1, c = 1e-3; p = 0 is the plain squared error). cfg_scale (w) and cfg_mix (k): guidance folded
     into the target (w = 1, k = 0: none); a model trained with w > 1 is sampled with cfg_scale 1.
     teacher: a frozen velocity model whose guided velocity (cfg_scale w; cfg_mix unused) replaces noise - x0.
+    time_scale: both times are fed x this (FlowMatching's; the JVP differentiates the model in t, so a small
+    one, e.g. 10, keeps du/dt the trajectory's and not the time embedding's wiggles).
     """
 
     def __init__(self, timestep_sampling: str = "logit_normal", logit_mean: float = -0.4, logit_std: float = 1.0,
                  unequal_fraction: float = 0.25, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
-                 cfg_scale: float = 1.0, cfg_mix: float = 0.0, teacher: Model | None = None):
-        super().__init__(timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std)
+                 cfg_scale: float = 1.0, cfg_mix: float = 0.0, teacher: Model | None = None,
+                 time_scale: float = FLOW_TIME_SCALE):
+        super().__init__(timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std,
+                         time_scale=time_scale)
         if not 0.0 <= unequal_fraction <= 1.0:
             raise ValueError(f"unequal_fraction must be in [0, 1], got {unequal_fraction}")
         if adaptive_p < 0 or adaptive_c <= 0:
@@ -68,7 +72,8 @@ class MeanFlow(FlowMatching):
 
     def __repr__(self) -> str:
         return (f"MeanFlow(unequal_fraction={self.unequal_fraction}, adaptive_p={self.adaptive_p}, "
-                f"cfg_scale={self.cfg_scale}, cfg_mix={self.cfg_mix}, teacher={self.teacher is not None})")
+                f"cfg_scale={self.cfg_scale}, cfg_mix={self.cfg_mix}, teacher={self.teacher is not None}, "
+                f"time_scale={self.time_scale:g})")
 
     # ---- the two times -------------------------------------------------------------------------
     def sample_t(self, n: int, generator: torch.Generator | None = None,
@@ -93,8 +98,8 @@ class MeanFlow(FlowMatching):
     # ---- the model as a function of (z, t, r) ----------------------------------------------------
     def average_velocity(self, model: Model, z: Tensor, t: Tensor, r: Tensor,
                          model_kwargs: dict[str, Any] | None = None) -> Tensor:
-        """u(z, r, t): the model fed t and the interval t - r (both x FLOW_TIME_SCALE)."""
-        out = model(z, t * FLOW_TIME_SCALE, interval=(t - r) * FLOW_TIME_SCALE, **(model_kwargs or {}))
+        """u(z, r, t): the model fed t and the interval t - r (both x time_scale)."""
+        out = model(z, t * self.time_scale, interval=(t - r) * self.time_scale, **(model_kwargs or {}))
         return out[:, : z.shape[1]]
 
     def velocity(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
@@ -120,7 +125,7 @@ class MeanFlow(FlowMatching):
             sub = {k: a[pick] if isinstance(a, Tensor) and a.ndim and a.shape[0] == N else a for k, a in kwargs.items()}
 
             def u_of(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
-                out = model(z_, t_ * FLOW_TIME_SCALE, interval=h_ * FLOW_TIME_SCALE, **sub)
+                out = model(z_, t_ * self.time_scale, interval=h_ * self.time_scale, **sub)
                 return out[:, : z_.shape[1]]
 
             ones = torch.ones_like(t[pick])
@@ -207,7 +212,7 @@ class MeanFlow(FlowMatching):
                     step_hook: StepHook | None = None, jump_length: int = 1, jump_n_sample: int = 1) -> Tensor:
         """"meanflow": N jumps z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid from 1 to 0 (1 step: one model
         call, x0 = z_1 - u(z_1, 0, 1)). "euler", "heun", "sde": FlowMatching's, on the model at r = t.
-        `model` is called as model(z, t, interval=h) with both times x FLOW_TIME_SCALE."""
+        `model` is called as model(z, t, interval=h) with both times x time_scale."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for MeanFlow: expected one of {', '.join(SAMPLERS)}")
         if sampler != "meanflow":

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ditkit.diffusion.flow import FLOW_TIME_SCALE, FlowMatching
+from ditkit.diffusion.flow import FlowMatching
 from ditkit.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
 from ditkit.diffusion.flow import shift_time
 from ditkit.diffusion.gaussian import GaussianDiffusion, StepHook, sampling_levels, space_timesteps
@@ -151,7 +151,7 @@ def x0_prediction(objective: GaussianDiffusion | FlowMatching, x: Tensor, model_
     pred = out[:, : x.shape[1]].to(x.dtype)
     shape = (-1, *([1] * (x.ndim - 1)))
     if isinstance(objective, FlowMatching):
-        return x - (model_t.to(x.dtype) / FLOW_TIME_SCALE).reshape(shape) * pred
+        return x - objective.time_fraction(model_t).to(x.dtype).reshape(shape) * pred
     if objective.model_mean_type == "x0":
         return pred
     abar = torch.cumprod(1.0 - objective.base_betas, dim=0).to(x.device)[model_t.long()].to(x.dtype).reshape(shape)

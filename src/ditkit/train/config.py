@@ -84,12 +84,14 @@ class ObjectiveConfig:
     #                                              "meanflow" (one-step; base= fine-tunes a flow run)
     timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
     velocity_cosine_weight: float = identity(0.0)  # flow only: weight of the 1 - cos(v, target) loss term
+    flow_time_scale: float = identity(1000.0)    # flow/meanflow: the model is fed t x this; 1000 is DiT's step range,
+    #                                              10 keeps the model smooth in t, as MeanFlow's JVP needs
     meanflow_unequal: float = identity(0.25)     # meanflow: share of training pairs with r < t (the rest r = t)
     meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
     meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
     meanflow_adaptive_p: float = identity(1.0)   # meanflow: loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain MSE
-    meanflow_interval_scale: float = identity(0.01)  # meanflow: the interval embedder sees (t - r) x 1000 x this
-    #                                              (t is x 1000): smooth in t - r, so the JVP's du/dt stays small
+    meanflow_interval_scale: float = identity(0.01)  # meanflow: the interval embedder sees (t - r) x flow_time_scale
+    #                                              x this: smooth in t - r, so the JVP's du/dt stays small
     meanflow_teacher: bool = identity(False)     # meanflow with base=: the base's own (guided) velocity is the
     #                                              target's v instead of noise - x0 (same mean, far less variance)
 
@@ -410,14 +412,11 @@ def validate(c: TrainConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
     if c.sample.steps is not None and c.sample.steps < 1:
         raise ValueError(f"sample_steps must be >= 1, got {c.sample.steps}")
-    if c.minutes is not None and c.minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {c.minutes}")
-    if c.meanflow_interval_scale <= 0:
-        raise ValueError(f"meanflow_interval_scale must be > 0, got {c.meanflow_interval_scale}")
-    if c.base_minutes is not None and c.base_minutes <= 0:
-        raise ValueError(f"base_minutes must be > 0, got {c.base_minutes}")
-    if c.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {c.lr}")
+    for key in ("minutes", "base_minutes", "lr", "flow_time_scale", "meanflow_interval_scale"):
+        if getattr(c, key) is not None and getattr(c, key) <= 0:
+            raise ValueError(f"{key} must be > 0, got {getattr(c, key)}")
+    if c.flow_time_scale != 1000.0 and c.objective == "ddpm":
+        raise ValueError("flow_time_scale is for objective=flow or meanflow (ddpm's model sees its step number)")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.text_model not in ("mmdit", "pixart"):

@@ -55,7 +55,7 @@ class ImageKind:
         else:
             model = create_model(c.model, **{"block": c.block, **kwargs})
         if c.objective == "meanflow" and c.base:  # a resumed run then loads its own weights over these
-            load_base_weights(model, ckpt.resolve_checkpoint(c.base))
+            load_base_weights(model, ckpt.resolve_checkpoint(c.base), c.flow_time_scale)
         return model
 
     def saved(self, model: nn.Module) -> nn.Module:
@@ -168,6 +168,10 @@ class ControlKind(ImageKind):
         if pipe.info["objective"] != c.objective:
             raise ValueError(f"the base run {base_dir} was trained with objective={pipe.info['objective']}: "
                              f"train its control branch with the same objective")
+        base_scale = getattr(pipe.objective, "time_scale", c.flow_time_scale)
+        if base_scale != c.flow_time_scale:
+            raise ValueError(f"the base run {base_dir} was trained with flow_time_scale={base_scale:g}: "
+                             f"train its control branch with flow_time_scale={base_scale:g}")
         facts = {"channels": (data.channels, base.in_channels),
                  "image size": ((data.image_size, data.image_size), base.input_size),
                  "classes": (data.num_classes, base.num_classes)}

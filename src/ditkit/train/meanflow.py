@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.diffusion.meanflow import MeanFlow
 from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
@@ -21,19 +22,25 @@ from ditkit.train.config import BASE_DIR, build_config, is_config_file
 def meanflow_objective(c: Any) -> MeanFlow:
     """The MeanFlow objective a TrainConfig `c` asks for (its meanflow_* fields)."""
     return MeanFlow(timestep_sampling=c.timestep_sampling, unequal_fraction=c.meanflow_unequal,
-                    adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, cfg_mix=c.meanflow_cfg_mix)
+                    adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, cfg_mix=c.meanflow_cfg_mix,
+                    time_scale=c.flow_time_scale)
 
 
-def load_base_weights(model: nn.Module, base: Path) -> None:
-    """Start `model` (a DiT with an interval embedder) from a flow-matching checkpoint's EMA weights.
+def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIME_SCALE) -> None:
+    """Start `model` (a DiT with an interval embedder, fed times x `time_scale`) from a flow-matching
+    checkpoint's EMA weights.
 
     Every key but the interval embedder's must be there with the same shape; the interval embedder keeps
     its zero-initialised output, so the start is exactly the base velocity model at r = t."""
     info_file = base / "run.json"
-    objective = json.loads(info_file.read_text()).get("objective") if info_file.is_file() else None
-    if objective != "flow":
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("objective") != "flow":
         raise ValueError(f"base={base} must be a flow-matching run to start MeanFlow from, "
-                         f"got objective={objective}")
+                         f"got objective={info.get('objective')}")
+    base_scale = info.get("train_config", {}).get("flow_time_scale", FLOW_TIME_SCALE)
+    if base_scale != time_scale:
+        raise ValueError(f"base={base} was trained with flow_time_scale={base_scale:g} but this run has "
+                         f"{time_scale:g}: set flow_time_scale={base_scale:g}")
     config_file = base / "config.json"  # the MLP's activation is not in the keys: compare it by name
     paper = RECIPE_DEFAULTS["mlp"]
     base_mlp = json.loads(config_file.read_text()).get("mlp", paper) if config_file.is_file() else paper
@@ -64,8 +71,9 @@ def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., A
         return c, resume
     out = Path(c.out) / BASE_DIR
     if not (out / FINISHED).is_file():
-        base = build_config(c.base, {"out": str(out), "seed": c.seed, "minutes": c.base_minutes},
-                            source=f"base={c.base}")
+        # the flow run is fed time as this run is: MeanFlow starts from its weights
+        base = build_config(c.base, {"out": str(out), "seed": c.seed, "minutes": c.base_minutes,
+                                     "flow_time_scale": c.flow_time_scale}, source=f"base={c.base}")
         if base.objective != "flow":
             raise ValueError(f"base={c.base} must describe a flow-matching run (objective: flow) to start "
                              f"MeanFlow from, got objective={base.objective}")

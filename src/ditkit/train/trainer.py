@@ -203,7 +203,8 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
     if c.objective == "meanflow":
         objective = meanflow_objective(c)
     else:
-        objective = build_objective(c.objective, c.timestep_sampling, cosine_weight=c.velocity_cosine_weight)
+        objective = build_objective(c.objective, c.timestep_sampling, cosine_weight=c.velocity_cosine_weight,
+                                    time_scale=c.flow_time_scale)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = kind.build().to(dist.device)
     if c.objective == "meanflow" and c.meanflow_teacher:  # the base's weights, frozen before any update

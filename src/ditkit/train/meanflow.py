@@ -40,7 +40,8 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     base_scale = info.get("train_config", {}).get("flow_time_scale", FLOW_TIME_SCALE)
     if base_scale != time_scale:
         raise ValueError(f"base={base} was trained with flow_time_scale={base_scale:g} but this run has "
-                         f"{time_scale:g}: set flow_time_scale={base_scale:g}")
+                         f"{time_scale:g}: set flow_time_scale={base_scale:g} (and meanflow_interval_scale="
+                         f"{10 / base_scale:g}, which keeps the interval's t - r x 10)")
     config_file = base / "config.json"  # the MLP's activation is not in the keys: compare it by name
     paper = RECIPE_DEFAULTS["mlp"]
     base_mlp = json.loads(config_file.read_text()).get("mlp", paper) if config_file.is_file() else paper

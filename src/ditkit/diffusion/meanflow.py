@@ -99,7 +99,11 @@ class MeanFlow(FlowMatching):
     def average_velocity(self, model: Model, z: Tensor, t: Tensor, r: Tensor,
                          model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """u(z, r, t): the model fed t and the interval t - r (both x time_scale)."""
-        out = model(z, t * self.time_scale, interval=(t - r) * self.time_scale, **(model_kwargs or {}))
+        return self._u_of_interval(model, z, t, t - r, model_kwargs or {})
+
+    def _u_of_interval(self, model: Model, z: Tensor, t: Tensor, h: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """u as a function of (z, t, h = t - r): the form the JVP differentiates."""
+        out = model(z, t * self.time_scale, interval=h * self.time_scale, **kwargs)
         return out[:, : z.shape[1]]
 
     def velocity(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
@@ -125,8 +129,7 @@ class MeanFlow(FlowMatching):
             sub = {k: a[pick] if isinstance(a, Tensor) and a.ndim and a.shape[0] == N else a for k, a in kwargs.items()}
 
             def u_of(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
-                out = model(z_, t_ * self.time_scale, interval=h_ * self.time_scale, **sub)
-                return out[:, : z_.shape[1]]
+                return self._u_of_interval(model, z_, t_, h_, sub)
 
             ones = torch.ones_like(t[pick])
             # PyTorch's fused attention kernels (CPU flash, CUDA flash / memory-efficient) have no forward-mode

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.data.conditions import check_condition
+from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.models.dit import MLPS
 
 
@@ -84,8 +85,8 @@ class ObjectiveConfig:
     #                                              "meanflow" (one-step; base= fine-tunes a flow run)
     timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
     velocity_cosine_weight: float = identity(0.0)  # flow only: weight of the 1 - cos(v, target) loss term
-    flow_time_scale: float = identity(1000.0)    # flow/meanflow: the model is fed t x this; 1000 is DiT's step range,
-    #                                              10 keeps the model smooth in t, as MeanFlow's JVP needs
+    flow_time_scale: float = identity(FLOW_TIME_SCALE)  # flow/meanflow: the model is fed t x this; 1000 is
+    #                                              DiT's step range, 10 keeps it smooth in t, as MeanFlow's JVP needs
     meanflow_unequal: float = identity(0.25)     # meanflow: share of training pairs with r < t (the rest r = t)
     meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
     meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
@@ -415,7 +416,7 @@ def validate(c: TrainConfig) -> None:
     for key in ("minutes", "base_minutes", "lr", "flow_time_scale", "meanflow_interval_scale"):
         if getattr(c, key) is not None and getattr(c, key) <= 0:
             raise ValueError(f"{key} must be > 0, got {getattr(c, key)}")
-    if c.flow_time_scale != 1000.0 and c.objective == "ddpm":
+    if c.flow_time_scale != FLOW_TIME_SCALE and c.objective == "ddpm":
         raise ValueError("flow_time_scale is for objective=flow or meanflow (ddpm's model sees its step number)")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")

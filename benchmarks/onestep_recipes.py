@@ -1,11 +1,13 @@
 """MeanFlow fine-tune settings (issue 15): each variant trains `configs/mnist_onestep.yaml`'s MeanFlow phase
 from the same flow run (`--base`, e.g. a demo run) for `--minutes`, then draws N digits per class at 1 step and
-at 2 steps on the uniform grid and on the config's grid (shift 2) from the same noise, and judges them with
+at 2 steps on the uniform grid and on grids shifted by 2 and 3 (the config's) from the same noise, and judges them with
 ditkit's MNIST-5k classifier: accuracy, FD-classifier as a ratio to the real-vs-real baseline at that size,
 recall. One row per variant, all in this process, one after another (run nothing else on the machine: every
 variant has the same wall-clock budget). The README's "weaker base" row is `--base` another run; its
-improved-MeanFlow and folded-interval rows (with and without the teacher) used code that was not kept. The rows
-feed t x 1000 (the demo's flow_time_scale, which `--base` must have; the config's own 10 needs a base trained so).
+improved-MeanFlow row used code that was not kept. With a demo run as `--base` the rows feed t x 1000 (the
+demo's flow_time_scale); with a base fed t x 10 (a two-phase run's OUT/base) they keep the config's x 10: the
+teacher-trajectory table's rows (`--minutes 5.5 --variants identity identity_cfg_interval trajectories_0.25 ...
+config`). Every row before `identity` also sets IDENTITY (no trajectories, guidance at every t), as measured.
 
     python benchmarks/onestep_recipes.py --base runs/mnist [--minutes 4] [--n-per-class 100] [--out runs/recipes]
         [--variants interval_x10 teacher_uniform ...]
@@ -13,6 +15,7 @@ feed t x 1000 (the demo's flow_time_scale, which `--base` must have; the config'
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from common import digits, draw
@@ -24,10 +27,12 @@ from ditkit.train import build_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_onestep.yaml"
 # the README's table, row by row: key=value overrides of the config's MeanFlow phase. The rows before the
-# teacher regressed the one-sample noise - x0; `teacher` (no overrides but AT_X1000) is the config's MeanFlow
-# phase fed t x 1000.
+# teacher regressed the one-sample noise - x0; `teacher` (no overrides but AT_X1000 and IDENTITY) is the
+# config's MeanFlow phase of that time, fed t x 1000.
 BEFORE_TEACHER = ["meanflow_teacher=false"]
 AT_X1000 = ["flow_time_scale=1000", "meanflow_interval_scale=0.01"]  # every row: t x 1000, t - r x 10
+# the MeanFlow identity alone, with guidance at every t: the config before the teacher's trajectories
+IDENTITY = ["meanflow_trajectories=0", "meanflow_cfg_interval=null"]
 VARIANTS = {
     "interval_x1000": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0"],
     "interval_x1000_cfg2": [*BEFORE_TEACHER, "meanflow_interval_scale=1.0", "meanflow_cfg=2.0"],
@@ -47,7 +52,15 @@ VARIANTS = {
     "teacher_uniform_ema0.995": ["timestep_sampling=uniform", "ema_decay=0.995"],
     "teacher_uniform_unequal0.25": ["timestep_sampling=uniform", "meanflow_unequal=0.25"],
     "teacher_uniform_batch128": ["timestep_sampling=uniform", "batch_size=128"],
+    # from a base fed t x 10 (a two-phase run's OUT/base): the teacher-trajectory table
+    "identity": IDENTITY,
+    "identity_cfg_interval": ["meanflow_trajectories=0"],
+    "trajectories_0.25": ["meanflow_trajectory_share=0.25"],
+    "trajectories_0.5": ["meanflow_trajectory_share=0.5"],
+    "trajectories_0.75": ["meanflow_trajectory_share=0.75"],
+    "config": [],
 }
+X1000_ROWS = list(VARIANTS)[:list(VARIANTS).index("identity")]  # measured before the trajectories existed
 
 
 def main() -> None:
@@ -59,24 +72,30 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
 
+    base = Path(args.base)  # a run directory (config.json) or one of its checkpoints (run.json)
+    saved = (json.loads((base / "config.json").read_text()) if (base / "config.json").is_file()
+             else json.loads((base / "run.json").read_text())["train_config"])
+    base_scale = saved.get("flow_time_scale", 1000)
+    pins = AT_X1000 if base_scale == 1000 else []
     classifier = load_classifier()
     y, noise = digits(args.n_per_class)
     print(f"{'variant':<20} {'steps':>6} {'1 step':>7} {'FD/real':>8} {'recall':>7} {'2 steps':>8} {'FD/real':>8}"
-          f" {'shift 2':>8} {'FD/real':>8}", flush=True)
+          f" {'shift 2':>8} {'FD/real':>8} {'shift 3':>8} {'FD/real':>8}", flush=True)
     for name in args.variants:
         out = Path(args.out) / name
         c = build_config(str(CONFIG), {"out": str(out), "base": args.base, "minutes": args.minutes},
-                         ["steps=100000", "save_every=100000", *AT_X1000, *VARIANTS[name]])
+                         ["steps=100000", "save_every=100000", *pins, *(IDENTITY if name in X1000_ROWS else []),
+                          *VARIANTS[name]])
         result = train(c, progress=False)
         pipe = load_pipeline(out)
         row = []
-        for steps, shift in ((1, None), (2, None), (2, 2.0)):
+        for steps, shift in ((1, None), (2, None), (2, 2.0), (2, 3.0)):
             images, _, _ = draw(pipe, y, noise, steps=steps, shift=shift)
             m = evaluate(images, y, classifier=classifier)
             row.append((m["accuracy"], m["fd_classifier"] / m["fd_classifier_real_baseline"], m["recall"]))
-        (a1, r1, rec1), (a2, r2, _), (a3, r3, _) = row
-        print(f"{name:<20} {result.steps:>6} {a1:>7.1%} {r1:>7.2f}x {rec1:>7.2f} {a2:>8.1%} {r2:>7.2f}x"
-              f" {a3:>8.1%} {r3:>7.2f}x", flush=True)
+        (a1, r1, rec1), *two = row
+        print(f"{name:<20} {result.steps:>6} {a1:>7.1%} {r1:>7.2f}x {rec1:>7.2f}"
+              + "".join(f" {a:>8.1%} {r:>7.2f}x" for a, r, _ in two), flush=True)
 
 
 if __name__ == "__main__":

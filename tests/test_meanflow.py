@@ -210,6 +210,79 @@ def test_with_the_exact_teacher_the_exact_u_has_zero_loss_where_noise_minus_x0_d
     assert taught["mse"].max() < 1e-18
 
 
+@pytest.mark.parametrize("teacher", [False, True])
+def test_folded_guidance_applies_only_inside_its_interval(teacher):
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(6, 1, 2, 2, generator=g), torch.randn(6, 1, 2, 2, generator=g)
+    y, t = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0.1, 0.5, 0.75, 0.76, 0.9, 1.0])
+    mf = MeanFlow(cfg_scale=2.5, cfg_interval=(0.0, 0.75), teacher=LabelField() if teacher else None)
+    field = mf.guided_field(LabelField(), z, t, v, {"y": y})
+    u_cond, u_null = z * bc(y + 1.0, z), 4 * z
+    if teacher:  # w = 1 outside the interval: the teacher's conditional velocity
+        expected = torch.where(bc(t <= 0.75, z), u_null + 2.5 * (u_cond - u_null), u_cond)
+    else:  # outside it, the unguided field v
+        expected = torch.where(bc(t <= 0.75, z), 2.5 * v - 1.5 * u_null, v)
+    assert torch.allclose(field, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="cfg_interval must be"):
+        MeanFlow(cfg_interval=(0.8, 0.2))
+
+
+def exact_teacher_trajectories(count=64, steps=8, share=0.5):
+    mf = MeanFlow(adaptive_p=0.0, teacher=ExactAverageVelocity(), trajectory_share=share)
+    mf.make_trajectories(count, (1, 2, 2), num_classes=3, steps=steps, generator=torch.Generator().manual_seed(0))
+    return mf
+
+
+def flow_map_error(tr):
+    """The largest distance of the trajectories' states from the exact flow map of their noise z_1:
+    z_r = z_1 - (1 - r) u(z_1, r, 1)."""
+    z1, n = tr.states[:, 0], len(tr.states)
+    return max((tr.states[:, i] - (z1 - (1 - r) * exact_u(z1, torch.ones(n), torch.full((n,), r)))).abs().max().item()
+               for i, r in enumerate(tr.times.tolist()))
+
+
+def test_teacher_trajectories_solve_the_teachers_ode_and_give_exact_average_velocities():
+    coarse, mf = exact_teacher_trajectories(steps=8), exact_teacher_trajectories(steps=32)
+    tr = mf.trajectories
+    assert tr.states.shape == (64, 33, 1, 2, 2) and torch.equal(tr.labels, torch.arange(64) % 3)
+    assert tr.times[0] == 1 and tr.times[-1] == 0 and (tr.times.diff() < 0).all()
+    assert torch.equal(tr.states[:, 0], coarse.trajectories.states[:, 0])  # the same noises from the generator
+    # Heun's second order: 4x the steps, about 16x closer to the exact map (first order would give 4x)
+    assert flow_map_error(tr) < 3e-3 and flow_map_error(coarse.trajectories) > 8 * flow_map_error(tr)
+    assert (tr.states[:, -1] - (MU + SIGMA * tr.states[:, 0])).abs().max() < 3e-3
+    # so on trajectory rows the exact u has (almost) zero loss, and the instantaneous velocity does not
+    t = mf.sample_t(64, torch.Generator().manual_seed(1))
+    x0 = MU + SIGMA * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(64, dtype=torch.long)
+    mse = mf.training_losses(ExactAverageVelocity(), x0, t, {"y": y})["mse"]
+    on_traj = t[:, 2] >= 0
+    assert on_traj.sum() == 32 and mse[on_traj].max() < 1e-5 and mse[~on_traj].max() < 1e-10  # fp32
+
+    class InstantaneousOnly(ExactAverageVelocity):
+        def forward(self, z, t, y=None, force_drop_ids=None, interval=None):
+            return super().forward(z, t, y, force_drop_ids, None if interval is None else 0 * interval)
+
+    whole = on_traj & (t[:, 3] == 0) & (t[:, 4] == 32)
+    assert mf.training_losses(InstantaneousOnly(), x0, t, {"y": y})["mse"][whole].mean() > 0.05  # 0.09 E xi^2
+
+
+def test_trajectory_rows_are_drawn_from_the_generator():
+    mf = exact_teacher_trajectories(count=10, steps=4, share=0.25)
+    a, b = (mf.sample_t(4000, torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(a, b) and a.shape == (4000, 5)
+    picked = a[:, 2] >= 0
+    assert picked[-1000:].all() and not picked[:-1000].any()  # the last share x n rows
+    k, i, j = a[picked, 2:].long().T
+    assert (k < 10).all() and (i < j).all() and (j <= 4).all()
+    assert torch.equal(a[picked, 0], mf.trajectories.times[i]) and torch.equal(a[picked, 1], mf.trajectories.times[j])
+    whole = ((i == 0) & (j == 4)).float().mean().item()  # half by choice, plus 1 in 10 of the uniform pairs
+    assert abs(whole - (0.5 + 0.5 / 10)) < 0.04
+    with pytest.raises(ValueError, match="make_trajectories"):
+        MeanFlow(trajectory_share=0.5).sample_t(4)
+    with pytest.raises(ValueError, match="teacher"):
+        MeanFlow().make_trajectories(4, (1, 2, 2), 3)
+
+
 def test_time_pairs_come_from_the_generator_with_the_asked_share_of_r_equal_t():
     mf = MeanFlow(unequal_fraction=0.25)
     a = mf.sample_t(20000, torch.Generator().manual_seed(5))
@@ -318,6 +391,15 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     a, b = (load_file(str(r.checkpoint / "model.safetensors")) for r in (whole, again))
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["final_layer.linear.weight"],
                                                                        tuned["final_layer.linear.weight"])
+    # with the teacher's trajectories too: a resumed run makes the same ones again from its seed
+    traj = {**taught, "meanflow_trajectories": 6, "meanflow_trajectory_steps": 2, "meanflow_cfg_interval": [0, 0.75]}
+    whole_t = train(TrainConfig.from_dict({**traj, "steps": 2, "out": str(tmp_path / "j2")}), progress=False)
+    train(TrainConfig.from_dict({**traj, "steps": 1, "out": str(tmp_path / "j11")}), progress=False)
+    again_t = train(TrainConfig.from_dict({**traj, "steps": 2, "out": str(tmp_path / "j11")}), resume=True,
+                    progress=False)
+    c, d = (load_file(str(r.checkpoint / "model.safetensors")) for r in (whole_t, again_t))
+    assert all(torch.equal(c[k], d[k]) for k in c) and not torch.equal(c["final_layer.linear.weight"],
+                                                                       a["final_layer.linear.weight"])
     with pytest.raises(ValueError, match="must be a flow-matching run"):
         train(TrainConfig.from_dict(dict(**TINY, steps=1, base=str(tmp_path / "mf"), out=str(tmp_path / "mf2"))),
               progress=False)
@@ -383,6 +465,13 @@ def test_a_base_config_file_is_checked_before_anything_runs(tmp_path):
         TrainConfig.from_dict(dict(TINY, meanflow_teacher=True))
     with pytest.raises(ValueError, match="set meanflow_cfg_mix=0"):
         TrainConfig.from_dict(dict(TINY, base=str(flow_file), meanflow_teacher=True, meanflow_cfg_mix=0.4))
+    with pytest.raises(ValueError, match="set meanflow_teacher=true too"):
+        TrainConfig.from_dict(dict(TINY, base=str(flow_file), meanflow_trajectories=8))
+    with pytest.raises(ValueError, match="meanflow_trajectory_share must be in"):
+        TrainConfig.from_dict(dict(TINY, base=str(flow_file), meanflow_teacher=True, meanflow_trajectories=8,
+                                   meanflow_trajectory_share=0))
+    with pytest.raises(ValueError, match="meanflow_cfg_interval must be"):
+        TrainConfig.from_dict(dict(TINY, meanflow_cfg_interval=[0.5, 0.2]))
     # in a config file, base= is a path from that file's folder (as an include); given directly, from here
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "mf.yaml").write_text("objective: meanflow\nbase: ../flow.yaml\n")

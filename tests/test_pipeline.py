@@ -36,7 +36,10 @@ def test_an_old_run_samples_exactly_as_before_with_its_own_settings(old):
     assert old.settings() == {"sampler": "heun", "steps": 2, "cfg": 4.0, "cfg_interval": None}
     samples = old.generate(progress=False)
     expected = np.load(OLD_RUN.parent / "old_run_samples.npz")
-    assert torch.equal(samples.images, torch.from_numpy(expected["images"]))
+    # the same settings give the same samples up to float rounding: CPU kernels differ between machines (an AMD
+    # EPYC differs from the machine that wrote the file by 1.5e-8 in 0.5% of the values); any other setting
+    # (steps, CFG, sampler, shift) moves them by far more than this
+    assert torch.allclose(samples.images, torch.from_numpy(expected["images"]), rtol=0, atol=1e-6)
     assert samples.labels.tolist() == expected["labels"].tolist() and samples.ncol == 4
     assert samples.settings == {"sampler": "heun", "steps": 2, "cfg": 4.0, "cfg_interval": None, "seed": 0}
 

@@ -95,6 +95,12 @@ class ObjectiveConfig:
     #                                              x this: smooth in t - r, so the JVP's du/dt stays small
     meanflow_teacher: bool = identity(False)     # meanflow with base=: the base's own (guided) velocity is the
     #                                              target's v instead of noise - x0 (same mean, far less variance)
+    meanflow_cfg_interval: tuple[float, float] | None = identity(None)  # meanflow: the times (lo, hi) where
+    #                                              meanflow_cfg applies (None: all; outside it w = 1)
+    meanflow_trajectories: int = identity(0)     # meanflow with the teacher: its guided ODE solved from this many
+    #                                              noises before training (inside `minutes`), a share of each batch
+    meanflow_trajectory_share: float = identity(0.5)  # regressing their average velocities directly (no JVP)
+    meanflow_trajectory_steps: int = identity(8)  # Heun steps of those ODE solves
 
 
 @dataclass
@@ -399,6 +405,26 @@ def unknown_keys_message(keys: list[str]) -> str:
     return f"unknown config key(s) {', '.join(map(repr, keys))}; the keys are: {', '.join(dict.fromkeys(names))}"
 
 
+def validate_meanflow(c: TrainConfig) -> None:
+    """The meanflow_* settings that need another one."""
+    if c.meanflow_teacher and (c.objective != "meanflow" or c.base is None):
+        raise ValueError("meanflow_teacher=true takes its velocity from the base run: it needs objective=meanflow "
+                         "and base=RUN_DIR (or a flow config file)")
+    if c.meanflow_teacher and c.meanflow_cfg_mix > 0:
+        raise ValueError("meanflow_cfg_mix mixes the model's own predictions into the target, which "
+                         "meanflow_teacher=true replaces with the teacher's: set meanflow_cfg_mix=0")
+    if c.meanflow_trajectories < 0 or c.meanflow_trajectory_steps < 1:
+        raise ValueError(f"meanflow_trajectories must be >= 0 and meanflow_trajectory_steps >= 1, got "
+                         f"{c.meanflow_trajectories}, {c.meanflow_trajectory_steps}")
+    if c.meanflow_trajectories and not c.meanflow_teacher:
+        raise ValueError("meanflow_trajectories are the teacher's ODE solutions: set meanflow_teacher=true too")
+    if not 0 < c.meanflow_trajectory_share <= 1:
+        raise ValueError(f"meanflow_trajectory_share must be in (0, 1], got {c.meanflow_trajectory_share}")
+    lo_hi = c.meanflow_cfg_interval
+    if lo_hi is not None and not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise ValueError(f"meanflow_cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
+
+
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     choices = {"objective": ("flow", "ddpm", "meanflow"), "precision": ("fp32", "bf16", "fp16"),
@@ -430,12 +456,7 @@ def validate(c: TrainConfig) -> None:
             raise FileNotFoundError(f"base={c.base}: config file not found (a path from the current directory)")
     elif c.base_minutes is not None and c.base is None:
         raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
-    if c.meanflow_teacher and (c.objective != "meanflow" or c.base is None):
-        raise ValueError("meanflow_teacher=true takes its velocity from the base run: it needs objective=meanflow "
-                         "and base=RUN_DIR (or a flow config file)")
-    if c.meanflow_teacher and c.meanflow_cfg_mix > 0:
-        raise ValueError("meanflow_cfg_mix mixes the model's own predictions into the target, which "
-                         "meanflow_teacher=true replaces with the teacher's: set meanflow_cfg_mix=0")
+    validate_meanflow(c)
     if c.control is None and c.base is not None and c.objective != "meanflow":
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
     if c.control is not None and c.base is None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ditkit.diffusion.flow import FLOW_TIME_SCALE
@@ -23,7 +24,21 @@ def meanflow_objective(c: Any) -> MeanFlow:
     """The MeanFlow objective a TrainConfig `c` asks for (its meanflow_* fields)."""
     return MeanFlow(timestep_sampling=c.timestep_sampling, unequal_fraction=c.meanflow_unequal,
                     adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, cfg_mix=c.meanflow_cfg_mix,
-                    time_scale=c.flow_time_scale)
+                    time_scale=c.flow_time_scale, cfg_interval=c.meanflow_cfg_interval,
+                    trajectory_share=c.meanflow_trajectory_share if c.meanflow_trajectories else 0.0)
+
+
+def make_trajectories(run: Any, progress: bool) -> None:
+    """The teacher's trajectories a MeanFlow run asks for (meanflow_trajectories), from its own seed: made
+    again, identically, when the run resumes. Call it under the run's autocast, inside `minutes` (it is part of
+    this phase's cost)."""
+    c, data = run.c, run.kind.data
+    if c.objective != "meanflow" or not c.meanflow_trajectories:
+        return
+    with torch.no_grad():
+        run.objective.make_trajectories(c.meanflow_trajectories, data.images.shape[1:], data.num_classes,
+                                        c.meanflow_trajectory_steps, torch.Generator().manual_seed(c.seed),
+                                        run.dist.device, progress=progress and run.dist.is_main)
 
 
 def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIME_SCALE) -> None:

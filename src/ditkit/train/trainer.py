@@ -38,7 +38,7 @@ from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
-from ditkit.train.meanflow import meanflow_objective, train_flow_base
+from ditkit.train.meanflow import make_trajectories, meanflow_objective, train_flow_base
 
 
 
@@ -410,6 +410,8 @@ def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> Tr
         write_json_atomic(run.out / "config.json", c.to_dict())
 
     start_time, start_step, last_path, loss_value = time.perf_counter(), run.step, start, float("nan")
+    with autocast(dist.device, c.precision):
+        make_trajectories(run, progress)
     window: list[Tensor] = []
     bar = tqdm(total=c.steps, initial=run.step, disable=not (progress and dist.is_main), dynamic_ncols=True,
                file=sys.stderr, desc="train")

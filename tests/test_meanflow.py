@@ -382,22 +382,23 @@ def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     tuned = load_file(str(run.checkpoint / "model.safetensors"))
     assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in base)
     assert any(k.startswith("interval_embedder") for k in tuned)
+    def whole_and_resumed(settings, name):
+        """Weights after 2 steps in one run and after 1 + a resumed 1."""
+        whole = train(TrainConfig.from_dict({**settings, "steps": 2, "out": str(tmp_path / f"{name}2")}),
+                      progress=False)
+        train(TrainConfig.from_dict({**settings, "steps": 1, "out": str(tmp_path / f"{name}11")}), progress=False)
+        again = train(TrainConfig.from_dict({**settings, "steps": 2, "out": str(tmp_path / f"{name}11")}),
+                      resume=True, progress=False)
+        return [load_file(str(r.checkpoint / "model.safetensors")) for r in (whole, again)]
+
     # with the base as teacher: a resumed run rebuilds the teacher from the base, not from its own checkpoint
     taught = {**tune, "lr": 1e-3, "meanflow_teacher": True}
-    whole = train(TrainConfig.from_dict({**taught, "steps": 2, "out": str(tmp_path / "t2")}), progress=False)
-    train(TrainConfig.from_dict({**taught, "steps": 1, "out": str(tmp_path / "t11")}), progress=False)
-    again = train(TrainConfig.from_dict({**taught, "steps": 2, "out": str(tmp_path / "t11")}), resume=True,
-                  progress=False)
-    a, b = (load_file(str(r.checkpoint / "model.safetensors")) for r in (whole, again))
+    a, b = whole_and_resumed(taught, "t")
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["final_layer.linear.weight"],
                                                                        tuned["final_layer.linear.weight"])
     # with the teacher's trajectories too: a resumed run makes the same ones again from its seed
-    traj = {**taught, "meanflow_trajectories": 6, "meanflow_trajectory_steps": 2, "meanflow_cfg_interval": [0, 0.75]}
-    whole_t = train(TrainConfig.from_dict({**traj, "steps": 2, "out": str(tmp_path / "j2")}), progress=False)
-    train(TrainConfig.from_dict({**traj, "steps": 1, "out": str(tmp_path / "j11")}), progress=False)
-    again_t = train(TrainConfig.from_dict({**traj, "steps": 2, "out": str(tmp_path / "j11")}), resume=True,
-                    progress=False)
-    c, d = (load_file(str(r.checkpoint / "model.safetensors")) for r in (whole_t, again_t))
+    c, d = whole_and_resumed({**taught, "meanflow_trajectories": 6, "meanflow_trajectory_steps": 2,
+                              "meanflow_cfg_interval": [0, 0.75]}, "j")
     assert all(torch.equal(c[k], d[k]) for k in c) and not torch.equal(c["final_layer.linear.weight"],
                                                                        a["final_layer.linear.weight"])
     with pytest.raises(ValueError, match="must be a flow-matching run"):

@@ -254,26 +254,25 @@ class MeanFlow(FlowMatching):
                           generator: torch.Generator | None = None, device: torch.device | str | None = None,
                           batch: int = 256, progress: bool = False) -> Trajectories:
         """Solve the teacher's guided ODE (`teacher_field`) from `count` noises of `shape`, classes in turn,
-        with `steps` Heun steps (FlowMatching's sampler) on the grid shifted by TRAJECTORY_SHIFT, keep every
+        with `steps` steps of FlowMatching's Heun sampler on the grid shifted by TRAJECTORY_SHIFT, keep every
         state, and set them as this objective's `trajectories`. Noise comes from `generator` (CPU)."""
         if self.teacher is None:
             raise ValueError("trajectories are the teacher's: build MeanFlow with teacher= first")
         if count < 1 or steps < 1:
             raise ValueError(f"count and steps must be >= 1, got {count}, {steps}")
-        start, grid = time.perf_counter(), self.timesteps(steps, TRAJECTORY_SHIFT).float()
-        labels = torch.arange(count) % num_classes
-        chunks = []
+
+        def guided_teacher(z: Tensor, t: Tensor, interval: Tensor | None = None, **kwargs: Any) -> Tensor:
+            return self.teacher_field(z, t / self.time_scale, kwargs).float()  # the sampler feeds t x time_scale
+
+        start, labels, chunks = time.perf_counter(), torch.arange(count) % num_classes, []
         for lo in range(0, count, batch):
-            kwargs = {"y": labels[lo:lo + batch].to(device)}
-            z = torch.randn(len(kwargs["y"]), *shape, generator=generator).to(device)
-            states = [z]
-            for t, r in zip(grid[:-1].tolist(), grid[1:].tolist()):
-                d = self.teacher_field(z, torch.full((len(z),), t, device=z.device), kwargs).float()
-                z_euler = z - (t - r) * d
-                z = z - (t - r) * (d + self.teacher_field(z_euler, torch.full((len(z),), r, device=z.device),
-                                                          kwargs).float()) / 2
-                states.append(z)
+            y = labels[lo:lo + batch].to(device)
+            states = [torch.randn(len(y), *shape, generator=generator).to(device)]
+            self.sample_loop(guided_teacher, states[0].shape, states[0], sampler="heun", steps=steps,
+                             shift=TRAJECTORY_SHIFT, model_kwargs={"y": y},
+                             step_hook=lambda x, level, kept=states: kept.append(x) or x)
             chunks.append(torch.stack(states, dim=1))
+        grid = self.timesteps(steps, TRAJECTORY_SHIFT).float()
         self.trajectories = Trajectories(torch.cat(chunks), grid.to(device), labels.to(device))
         if progress:
             print(f"teacher trajectories: {count} x {steps} Heun steps in {time.perf_counter() - start:.0f} s",

@@ -420,9 +420,13 @@ def validate_meanflow(c: TrainConfig) -> None:
         raise ValueError("meanflow_trajectories are the teacher's ODE solutions: set meanflow_teacher=true too")
     if not 0 < c.meanflow_trajectory_share <= 1:
         raise ValueError(f"meanflow_trajectory_share must be in (0, 1], got {c.meanflow_trajectory_share}")
-    lo_hi = c.meanflow_cfg_interval
+    check_interval("meanflow_cfg_interval", c.meanflow_cfg_interval)
+
+
+def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
+    """A guidance interval [lo, hi] of times in [0, 1] (None: every time)."""
     if lo_hi is not None and not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
-        raise ValueError(f"meanflow_cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
+        raise ValueError(f"{key} must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
 
 
 def validate(c: TrainConfig) -> None:
@@ -461,8 +465,7 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
     if c.control is not None and c.base is None:
         raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
-    if c.sample.cfg_interval is not None and not 0.0 <= c.sample.cfg_interval[0] <= c.sample.cfg_interval[1] <= 1.0:
-        raise ValueError(f"sample_cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {c.sample.cfg_interval}")
+    check_interval("sample_cfg_interval", c.sample.cfg_interval)
     for key in ("shift", "apg_norm"):
         if getattr(c.sample, key) is not None and getattr(c.sample, key) <= 0:
             raise ValueError(f"sample_{key} must be > 0, got {getattr(c.sample, key)}")

@@ -10,7 +10,7 @@ import torch
 from ditkit.pipeline import Pipeline, load_pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
-from ditkit.train.checkpoint import latest_checkpoint
+from ditkit.checkpoint import latest_checkpoint
 
 
 def trained_run(path: str, overrides: dict[str, Any]) -> tuple[Pipeline, float | None]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ditkit.interop.diffusers import to_diffusers
 from ditkit.models import DiT, create_model
-from ditkit.train.config import TrainConfig
+from ditkit.config import TrainConfig
 
 try:
     from diffusers import DiTTransformer2DModel

@@ -23,7 +23,7 @@ from ditkit.sampling.editing import edit
 from ditkit.pipeline import load_pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 
 
 def ensure_run(out: str, overrides: dict) -> float | None:

@@ -20,7 +20,7 @@ from ditkit.images import save_grid
 from ditkit.pipeline import load_pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
-from ditkit.train.checkpoint import latest_checkpoint
+from ditkit.checkpoint import latest_checkpoint
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from common import digits, draw, trained_run
 from ditkit.evaluate import evaluate
 from ditkit.evaluate.classifier import load_classifier
 from ditkit.evaluate.flops import count_params, dit_example_inputs, forward_gflops
-from ditkit.train.checkpoint import latest_checkpoint
+from ditkit.checkpoint import latest_checkpoint
 
 ANALOGUES = {  # paper name -> demo-sized architecture with the paper's width/patch ratios
     "S/4": dict(hidden_size=128, num_heads=4, depth=6, patch_size=4),

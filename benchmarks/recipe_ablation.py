@@ -25,7 +25,7 @@ from common import digits, draw, trained_run
 from ditkit.evaluate import evaluate
 from ditkit.evaluate.classifier import load_classifier
 from ditkit.pipeline import load_pipeline
-from ditkit.train.checkpoint import step_dir
+from ditkit.checkpoint import step_dir
 
 # (label, run name, training overrides of the demo config, sampling options). Every run trains with the
 # demo config (which keeps its step-400 EMA as the autoguidance model in RUN/guide) plus its overrides; the

@@ -15,7 +15,7 @@ import torch
 
 from ditkit.evaluate.flops import dit_example_inputs, forward_gflops
 from ditkit.models import DiT, create_model
-from ditkit.train.config import TrainConfig
+from ditkit.config import TrainConfig
 
 
 def device_sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.pipeline import load_pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 from test_gaussian_diffusion import one_thread  # noqa: F401  (the fixture, used through pytestmark)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

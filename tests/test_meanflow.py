@@ -343,7 +343,7 @@ def test_meanflow_training_resumes_bit_identically_and_samples_in_one_call(tmp_p
 
     from ditkit.pipeline import load_pipeline
     from ditkit.train import TrainConfig, train
-    from ditkit.train import checkpoint as ckpt
+    from ditkit import checkpoint as ckpt
 
     straight = train(TrainConfig.from_dict(dict(**TINY, steps=4, save_every=2, out=str(tmp_path / "a"))),
                      progress=False)
@@ -370,7 +370,7 @@ def test_meanflow_training_resumes_bit_identically_and_samples_in_one_call(tmp_p
 
 def test_meanflow_fine_tunes_from_a_flow_run(tmp_path):
     from ditkit.train import TrainConfig, train
-    from ditkit.train import checkpoint as ckpt
+    from ditkit import checkpoint as ckpt
 
     flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2}
     train(TrainConfig.from_dict(dict(**flow, steps=2, out=str(tmp_path / "flow"))), progress=False)
@@ -416,7 +416,7 @@ def test_a_two_phase_config_trains_its_flow_base_first_and_resumes_in_either_pha
     from safetensors.torch import load_file
 
     from ditkit.train import build_config, resume_config, train
-    from ditkit.train import checkpoint as ckpt
+    from ditkit import checkpoint as ckpt
 
     flow_file = tmp_path / "flow.json"
     flow = {**TINY, "objective": "flow", "sampler": "heun", "sample_steps": 2, "out": "ignored"}

@@ -25,7 +25,7 @@ def old() -> Pipeline:
 def test_importing_the_pipeline_imports_no_training_code():
     code = "import sys, ditkit.pipeline; print(sorted(m for m in sys.modules if m.startswith('ditkit.train')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(out) == ["ditkit.train", "ditkit.train.checkpoint", "ditkit.train.config"]
+    assert eval(out) == ["ditkit.train", "ditkit.checkpoint", "ditkit.config"]
 
 
 def test_an_old_run_samples_exactly_as_before_with_its_own_settings(old):

@@ -12,7 +12,7 @@ from ditkit.diffusion.gaussian import space_timesteps
 from ditkit.models import DiT
 from ditkit.models.layers import Attention, Mlp, RMSNorm, SwiGLU, apply_rope_2d, rope_2d_tables
 from ditkit.sampling import apg_update, sample, shifted_gaussian_steps
-from ditkit.train.config import build_config
+from ditkit.config import build_config
 from ditkit.train.ema import EMA, power_ema_gamma
 
 TINY_ARGS = ["data=patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1", "num_heads=2",
@@ -340,7 +340,7 @@ def test_gaussian_sampling_honours_shift():
 
 def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
     from ditkit.pipeline import load_pipeline
-    from ditkit.train import checkpoint as ckpt
+    from ditkit import checkpoint as ckpt
     from ditkit.train import train
 
     run = tmp_path / "run"
@@ -368,7 +368,7 @@ def test_a_saved_config_without_the_new_fields_keeps_what_it_trained_and_sampled
     """Runs saved before `mlp`, `cfg_interval` and `shift` existed had the tanh GELU, guided every step and
     sampled on the plain grid; the new defaults (exact GELU, guidance for t <= 0.75, shift 1.5) apply only to
     new runs."""
-    from ditkit.train.config import TrainConfig
+    from ditkit.config import TrainConfig
 
     new = TrainConfig()
     assert new.mlp == "gelu_erf" and new.sample.cfg_interval == (0.0, 0.75) and new.sample.shift == 1.5

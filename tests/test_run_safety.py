@@ -23,7 +23,7 @@ from ditkit.extras import MissingExtra, require
 from ditkit.models import DiT
 from ditkit.notes import DitkitWarning, warn
 from ditkit.pipeline import load_pipeline
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 from ditkit.train.interrupt import TrainingInterrupted, catch_interrupts
 from ditkit.train.lock import LOCK, RunLocked, acquire, is_stale, release, run_lock
 

@@ -98,6 +98,8 @@ TESTED_ELSEWHERE = {
     "checksums": "test_run_safety (damaged and hand-edited files) and test_bad_input (through the CLI)",
     "extras": "test_run_safety (missing extras name the pip extra) and test_bad_input",
     "notes": "test_run_safety (warnings print the message only)",
+    "config": "test_train (overrides, files, resume), test_bad_input (every bad key and value)",
+    "checkpoint": "test_run_safety (damaged files, atomic writes), test_train (exact resume), test_pipeline",
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditkit.train import TrainConfig, build_config, train
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 from ditkit.train.ema import EMA
 from ditkit.train.trainer import lr_at
 

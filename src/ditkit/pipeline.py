@@ -34,7 +34,7 @@ from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.text.prompts import PromptTable
 from ditkit.sampling import sample, sampling_schedule
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 
 Preview = Callable[[int, int, Tensor], None]  # (step, total, x0 prediction as images in [-1, 1] on the CPU)
 # generate()'s argument names that differ from sample()'s keywords (the config's `sample` section uses sample()'s)

@@ -1,13 +1,13 @@
 """Training: the config dataclass, the loop, EMA, checkpoints, multi-process set-up.
 
 `train` and `TrainResult` load the training loop on first use, so that inference (which reads
-checkpoints through `ditkit.train.checkpoint`) never imports it.
+checkpoints through `ditkit.checkpoint`) never imports it.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ditkit.train.config import TrainConfig, build_config, resume_config
+from ditkit.config import TrainConfig, build_config, resume_config
 
 __all__ = ["TrainConfig", "TrainResult", "build_config", "resume_config", "train"]
 

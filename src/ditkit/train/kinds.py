@@ -26,8 +26,8 @@ from ditkit.models.control import ControlBranch, ControlDiT
 from ditkit.pipeline import GUIDE_DIR, Pipeline, load_guide
 from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
-from ditkit.train import checkpoint as ckpt
-from ditkit.train.config import TrainConfig
+from ditkit import checkpoint as ckpt
+from ditkit.config import TrainConfig
 from ditkit.train.meanflow import load_base_weights
 
 

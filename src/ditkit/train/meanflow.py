@@ -16,8 +16,8 @@ from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.diffusion.meanflow import MeanFlow
 from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
-from ditkit.train import checkpoint as ckpt
-from ditkit.train.config import BASE_DIR, build_config, is_config_file
+from ditkit import checkpoint as ckpt
+from ditkit.config import BASE_DIR, build_config, is_config_file
 
 
 def meanflow_objective(c: Any) -> MeanFlow:

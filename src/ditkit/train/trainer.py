@@ -31,9 +31,9 @@ from ditkit.diffusion import FlowMatching, build_objective
 from ditkit.images import save_loss_curve
 from ditkit.io import write_json_atomic, write_text_atomic
 from ditkit.sampling.fast import PRECISIONS
-from ditkit.train import checkpoint as ckpt
+from ditkit import checkpoint as ckpt
 from ditkit.train import distributed
-from ditkit.train.config import TrainConfig
+from ditkit.config import TrainConfig
 from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind

@@ -386,7 +386,7 @@ def resume_config(config_file: str | None = None, overrides: dict[str, Any] | No
                   assignments: list[str] | None = None) -> TrainConfig:
     """The config of the run to resume (its newest good checkpoint's), with the given file, flags and
     `key=value` applied on top; the trainer then refuses any change to an identity field."""
-    from ditkit.train import checkpoint as ckpt
+    from ditkit import checkpoint as ckpt
 
     given = build_config(config_file, overrides, assignments)
     out = given.out

@@ -1,10 +1,11 @@
-# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`;
+# `make docs` builds the documentation site into site/.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ditkit-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test docs install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +23,11 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q tests
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import Table, add_markdown_flag
 from torch import nn
 
 from ditkit.interop.diffusers import to_diffusers
@@ -126,6 +127,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["demo", "dit-s2"], default=None)
+    add_markdown_flag(parser)
     args = parser.parse_args()
     if DiTTransformer2DModel is None:
         print("diffusers is not installed: pip install 'ditkit[peers]'")
@@ -176,10 +178,12 @@ def main() -> int:
                 rows.append((label, mode, batch, precision, batch / sec["ditkit"], batch / sec["diffusers"]))
                 del fns, ours, theirs
 
-    print(f"\n{'model':<24} {'mode':<7} {'batch':>5} {'precision':<9} {'ditkit img/s':>12} "
-          f"{'diffusers img/s':>15} {'ditkit/diffusers':>16}")
+    print()
+    table = Table(["model", "mode", "batch", "precision", "ditkit img/s", "diffusers img/s", "ditkit/diffusers"],
+                  args.markdown)
     for label, mode, batch, precision, a, b in rows:
-        print(f"{label:<24} {mode:<7} {batch:>5} {precision:<9} {a:>12.1f} {b:>15.1f} {a / b:>16.2f}")
+        table.add(label, mode, batch, precision, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}")
+    table.finish()
     return 0
 
 

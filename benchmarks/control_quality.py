@@ -7,7 +7,7 @@ N held-out digits and prints two tables:
   for the base model (same class, no condition) and the control run;
 - SDEdit: the MSE between input and output, per strength.
 
-    python benchmarks/control_quality.py [--base runs/bench_base] [--control runs/bench_lowres] [--n 200]
+    python benchmarks/control_quality.py [--base runs/bench_base] [--control runs/bench_lowres] [--n 200] [--markdown]
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import Table, add_markdown_flag
 
 from ditkit.data import load_dataset
 from ditkit.data.conditions import lowres
 from ditkit.sampling.editing import edit
-from ditkit.pipeline import load_pipeline
+from ditkit.pipeline import Pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
 from ditkit import checkpoint as ckpt
@@ -43,13 +44,14 @@ def main() -> None:
     parser.add_argument("--control-steps", type=int, default=400)
     parser.add_argument("--n", type=int, default=200, help="held-out digits")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (Heun)")
+    add_markdown_flag(parser)
     args = parser.parse_args()
 
     base_seconds = ensure_run(args.base, {"data": "mnist", "steps": args.base_steps})
     control_seconds = ensure_run(args.control, {"data": "mnist", "steps": args.control_steps, "control": "lowres",
                                                 "base": args.base})
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, control = load_pipeline(args.base, device=device), load_pipeline(args.control, device=device)
+    base, control = Pipeline.load(args.base, device=device), Pipeline.load(args.control, device=device)
     held = load_dataset("mnist", split="heldout")
     x, y = held.images[: args.n].to(device), held.labels[: args.n].to(device)
     cond = lowres(x)
@@ -64,17 +66,20 @@ def main() -> None:
     for name, seconds in (("base", base_seconds), ("control", control_seconds)):
         print(f"{name} run: {'reused' if seconds is None else f'trained in {seconds:.0f} s'}")
     print(f"\nstructure control, {args.n} held-out digits, Heun {args.steps} steps, class label given, no CFG")
-    print(f"{'model':<28} {'low-res MSE vs condition':>26}")
-    print(f"{'base (no condition)':<28} {mse(lowres(plain), cond):>26.4f}")
-    print(f"{'lowres control':<28} {mse(lowres(steered), cond):>26.4f}")
+    control_table = Table(["model", "low-res MSE to the condition"], args.markdown)
+    control_table.add("base (no condition)", f"{mse(lowres(plain), cond):.4f}")
+    control_table.add("lowres control", f"{mse(lowres(steered), cond):.4f}")
+    control_table.finish()
 
     print(f"\nSDEdit on the same digits (base run, own class label, Heun {args.steps} steps)")
-    print(f"{'strength':<10} {'MSE to input':>14}")
-    for strength in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+    strengths, errors = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), []
+    for strength in strengths:
         out = edit(base.model, base.objective, x, strength=strength, y=y, steps=args.steps, sampler="heun",
                    generator=torch.Generator(device).manual_seed(0))
-        print(f"{strength:<10} {mse(out, x):>14.4f}")
-
+        errors.append(f"{mse(out, x):.4f}")
+    sdedit = Table(["SDEdit strength", *(f"{s:g}" for s in strengths)], args.markdown)
+    sdedit.add("MSE to the input", *errors)
+    sdedit.finish()
 
 if __name__ == "__main__":
     main()

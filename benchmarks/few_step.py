@@ -1,5 +1,5 @@
-"""Few-step generation (issue 15): NFE against quality and time, for the demo (flow) model and a one-step
-(MeanFlow) model, with and without block caching, in fp32 and bf16; then `ditkit sample` end to end.
+"""Few-step generation: NFE against quality and time, for the demo (flow) model and a one-step
+(average-velocity) model, with and without block caching, in fp32 and bf16; then `ditkit sample` end to end.
 
 Every setting draws the same digits (N per class) from the same noise, judged by ditkit's MNIST-5k
 classifier: class accuracy and FD-classifier against the held-out split, as a ratio to the real-vs-real
@@ -25,8 +25,8 @@ from common import CountingModel, digits
 from ditkit.sampling.cache import BlockCache
 from ditkit.evaluate import evaluate
 from ditkit.evaluate.classifier import load_classifier
-from ditkit.pipeline import load_pipeline
-from ditkit.sampling import sample
+from ditkit.pipeline import Pipeline
+from ditkit.sampling import CFG, sample
 
 DEMO_ROWS = ([("euler", n, None) for n in (1, 2, 4, 10, 20, 40)]
              + [("heun", n, None) for n in (1, 2, 5, 10, 20)]
@@ -39,7 +39,7 @@ def run(pipe, y, noise, sampler, steps, cfg, cache=None, precision=None, chunk=2
     start, images, blocks = time.perf_counter(), [], 0
     for i in range(0, len(y), chunk):  # each chunk is its own trajectory: a fresh cache
         counted = CountingModel(BlockCache(pipe.model, cache) if cache is not None else pipe.model)
-        out = sample(counted, pipe.objective, noise[i:i + chunk].shape, y=y[i:i + chunk], cfg_scale=cfg,
+        out = sample(counted, pipe.objective, noise[i:i + chunk].shape, y=y[i:i + chunk], guidance=CFG(cfg),
                      steps=steps, sampler=sampler, noise=noise[i:i + chunk], progress=False,
                      null_label=pipe.model.num_classes, precision=precision)
         images.append(out.float().clamp(-1, 1))
@@ -58,12 +58,12 @@ def table(args, classifier) -> list[dict]:
     print(header, flush=True)
     settings = []
     if args.demo:
-        demo = load_pipeline(args.demo)
+        demo = Pipeline.load(args.demo)
         for sampler, steps, cache in DEMO_ROWS:
             for precision in ("fp32", "bf16") if (sampler, steps, cache) in BOTH_PRECISIONS else ("bf16",):
                 settings.append(("demo", demo, sampler, steps, 4.0, cache, precision))
     if args.onestep:
-        one = load_pipeline(args.onestep)
+        one = Pipeline.load(args.onestep)
         for steps in (1, 2, 4):
             for precision in ("fp32", "bf16") if steps == 1 else ("bf16",):
                 settings.append(("onestep", one, "meanflow", steps, 1.0, None, precision))
@@ -84,7 +84,7 @@ def table(args, classifier) -> list[dict]:
 def model_speed(args) -> dict:
     """Forward throughput of the demo model on a CFG batch: fp32 eager vs bf16 autocast vs torch.compile,
     interleaved in this process (medians of `repeats`)."""
-    pipe = load_pipeline(args.demo)
+    pipe = Pipeline.load(args.demo)
     model = pipe.model
     x = torch.randn(2 * 250, 1, 32, 32)
     t = torch.full((len(x),), 500.0)
@@ -145,7 +145,7 @@ def end_to_end(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", help="a flow-matching demo run (ditkit train --config configs/mnist.yaml)")
-    parser.add_argument("--onestep", help="a MeanFlow run (ditkit train --config configs/mnist_onestep.yaml)")
+    parser.add_argument("--onestep", help="a one-step run (ditkit train --config configs/mnist_onestep.yaml)")
     parser.add_argument("--n-per-class", type=int, default=20)
     parser.add_argument("--sections", nargs="+", default=["table"], choices=["table", "speed", "compile", "e2e"])
     parser.add_argument("--repeats", type=int, default=5)

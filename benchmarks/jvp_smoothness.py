@@ -1,8 +1,9 @@
-"""Is MeanFlow's du/dt the trajectory's? (issue 15, `flow_time_scale`.) For each MeanFlow run given, the JVP
-of u(z, r, t) along (v, 0, 1), as the training target takes it, against central differences over eps of the
-time range, on the same pairs (fixed seed; t in [0.2, 0.95], r below it, z on the path from N(0, 0.25) data,
-v = noise - x0, labels 0-9). A model smooth in t agrees at small eps; one that wiggles in t (the time embedding
-fed t x 1000) does not. Also |(t - r) du/dt|, the target's correction, against |v|. float32, math attention.
+"""Is MeanFlow's du/dt the trajectory's (`flow_time_scale`)? For each one-step run given (objective meanflow
+or distill), the JVP of u(z, r, t) along (v, 0, 1), as MeanFlow's training target takes it, against central
+differences over eps of the time range, on the same pairs (fixed seed; t in [0.2, 0.95], r below it, z on the
+path from N(0, 0.25) data, v = noise - x0, labels 0-9). A model smooth in t agrees at small eps; one that wiggles
+in t (the time embedding fed t x 1000) does not. Also |(t - r) du/dt|, the target's correction, against |v|.
+float32, math attention.
 
     python benchmarks/jvp_smoothness.py RUN [RUN ...] [--pairs 32]
 """
@@ -13,17 +14,17 @@ import argparse
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditkit.diffusion.meanflow import MeanFlow
-from ditkit.pipeline import load_pipeline
+from ditkit.diffusion.meanflow import AverageVelocity, MeanFlow
+from ditkit.pipeline import Pipeline
 
 EPS = (0.02, 0.005, 0.001)
 
 
 def measure(run: str, pairs: int) -> dict[str, float]:
-    pipe = load_pipeline(run, device="cpu")
-    if not isinstance(pipe.objective, MeanFlow):
-        raise SystemExit(f"{run} is not a MeanFlow run (objective: meanflow)")
-    model, mf = pipe.model.float().eval(), pipe.objective
+    pipe = Pipeline.load(run, device="cpu")
+    if not isinstance(pipe.objective, AverageVelocity):
+        raise SystemExit(f"{run} is not a one-step run (objective: meanflow or distill)")
+    model, mf = pipe.model.float().eval(), MeanFlow(time_scale=pipe.objective.time_scale)
     g = torch.Generator().manual_seed(0)
     C, H = model.in_channels, model.input_size[0]
     x0 = 0.5 * torch.randn(pairs, C, H, H, generator=g)
@@ -45,7 +46,7 @@ def measure(run: str, pairs: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="MeanFlow run directories")
+    parser.add_argument("runs", nargs="+", help="one-step run directories")
     parser.add_argument("--pairs", type=int, default=32)
     args = parser.parse_args()
     header = f"{'run':<40} {'t x':>6} {'|h du/dt|/|v|':>14} " + " ".join(f"{'FD err, eps ' + str(e):>18}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import digits, draw, trained_run
+from common import Table, add_markdown_flag, digits, draw, trained_run
 
 from ditkit.evaluate import evaluate
 from ditkit.evaluate.classifier import load_classifier
@@ -34,12 +34,13 @@ def main() -> None:
     parser.add_argument("--regime", nargs="+", choices=["images", "time"], default=["images", "time"])
     parser.add_argument("--n-per-class", type=int, default=30)
     parser.add_argument("--out", default="runs/qvc", help="runs go to OUT/<regime>-<model>; existing ones are reused")
+    add_markdown_flag(parser)
     args = parser.parse_args()
 
     classifier = load_classifier()
     y, noise = digits(args.n_per_class)
-    print(f"{'regime':<8} {'model':<6} {'params (M)':>10} {'GFLOPs':>7} {'steps':>6} {'images':>7} "
-          f"{'train s':>8} {'FD-classifier':>13} {'accuracy':>9}", flush=True)
+    table = Table(["budget", "model", "params", "GFLOPs", "steps (images)", "train s", "FD-classifier", "accuracy"],
+                  args.markdown)
     for regime in args.regime:
         # the step cap of the time regime is never reached: the budget stops every model
         budget = {"steps": args.steps} if regime == "images" else {"steps": 10**6, "minutes": args.minutes}
@@ -53,9 +54,11 @@ def main() -> None:
             gflops = forward_gflops(pipe.model, dit_example_inputs(pipe.model, device="cpu"))
             images, _, _ = draw(pipe, y, noise, sampler="heun", steps=20, cfg_scale=4.0)
             m = evaluate(images, y, classifier=classifier)
-            print(f"{regime:<8} {name:<6} {count_params(pipe.model) / 1e6:>10.2f} {gflops:>7.3f} {steps:>6} "
-                  f"{steps * 64:>7} {'reused' if seconds is None else f'{seconds:.0f}':>8} "
-                  f"{m['fd_classifier']:>13.2f} {m['accuracy']:>9.1%}", flush=True)
+            budget_name = f"{args.steps} steps of 64" if regime == "images" else f"{args.minutes:g} min"
+            table.add(budget_name, name, f"{count_params(pipe.model) / 1e6:.2f}M", f"{gflops:.3f}",
+                      f"{steps} ({steps * 64:,})", "reused" if seconds is None else f"{seconds:.0f}",
+                      f"{m['fd_classifier']:.1f}", f"{m['accuracy']:.1%}")
+    table.finish()
     print(f"\n{len(y)} samples per model; real-vs-real FD-classifier baseline at this size: "
           f"{m['fd_classifier_real_baseline']:.2f}")
 

@@ -24,7 +24,7 @@ from common import digits, draw, trained_run
 
 from ditkit.evaluate import evaluate
 from ditkit.evaluate.classifier import load_classifier
-from ditkit.pipeline import load_pipeline
+from ditkit.pipeline import Pipeline
 from ditkit.checkpoint import step_dir
 
 # (label, run name, training overrides of the demo config, sampling options). Every run trains with the
@@ -100,9 +100,9 @@ def main() -> None:
         options = dict(options)
         guide = options["guide_model"]
         if guide == "run":  # the run's own guide (older runs: their step-400 checkpoint's EMA, the same weights)
-            options["guide_model"] = pipe.guide or load_pipeline(step_dir(path, TRAIN["sample_guide_step"])).model
+            options["guide_model"] = pipe.guide or Pipeline.load(step_dir(path, TRAIN["sample_guide_step"])).model
         elif isinstance(guide, int):
-            options["guide_model"] = load_pipeline(step_dir(path, guide)).model
+            options["guide_model"] = Pipeline.load(step_dir(path, guide)).model
         images, nfe, _ = draw(pipe, y, noise, **options)
         m = evaluate(images, y, classifier=classifier)
         ratio = m["fd_classifier"] / m["fd_classifier_real_baseline"]

@@ -4,7 +4,7 @@ Prints, for the demo config (and the same with the paper's tanh GELU) and for Di
 batch 8), images/s and MFU of one AdamW training step, each as a ratio to an eager fp32 step of the same
 model measured in this run, and the machine's matmul peak (fp32 and bf16) measured by this script.
 
-    python benchmarks/train_throughput.py [--repeats 5] [--no-compile] [--xl]   (--xl: DiT-XL/2, for a GPU)
+    python benchmarks/train_throughput.py [--repeats 5] [--no-compile] [--xl] [--markdown]   (--xl: DiT-XL/2, GPU)
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+from common import Table, add_markdown_flag
 
 from ditkit.evaluate.flops import dit_example_inputs, forward_gflops
 from ditkit.models import DiT, create_model
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--xl", action="store_true", help="also DiT-XL/2 at batch 32 (GPU)")
+    add_markdown_flag(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -86,7 +88,8 @@ def main() -> None:
     if args.xl:
         cases.append(("DiT-XL/2 (4x32x32)", lambda: create_model("DiT-XL/2"), 32))
     modes = [("fp32", False), ("bf16", False)] + ([] if args.no_compile else [("fp32", True), ("bf16", True)])
-    print(f"\n{'model':<24} {'batch':>5} {'mode':<14} {'ms/step':>8} {'img/s':>8} {'x fp32':>7} {'MFU':>6}")
+    print()
+    table = Table(["model", "batch", "mode", "ms/step", "img/s", "x fp32", "MFU"], args.markdown)
     for label, build, batch in cases:
         torch.manual_seed(0)
         model = build()
@@ -98,9 +101,10 @@ def main() -> None:
             base = base or seconds
             mfu = train_flops / seconds / (peak[precision] * 1e9)
             mode = precision + (" + compile" if compiled else "")
-            print(f"{label:<24} {batch:>5} {mode:<14} {seconds * 1e3:>8.1f} {batch / seconds:>8.1f} "
-                  f"{base / seconds:>7.2f} {mfu:>6.1%}")
+            table.add(label, batch, mode, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}", f"{base / seconds:.2f}",
+                      f"{mfu:.1%}")
         del model
+    table.finish()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from common import Table, add_markdown_flag
 
 from ditkit.diffusion import FlowMatching
 from ditkit.models import VideoDiT
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    add_markdown_flag(p)
     p.add_argument("--one", nargs=2, metavar=("MODE", "FRAMES"), help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.one:
@@ -80,15 +82,15 @@ def main() -> None:
               "--depth", str(args.depth), "--heads", str(args.heads)]
     print(f"VideoDiT training step (hidden {args.hidden}, depth {args.depth}, batch {args.batch} clips of 32x32, "
           f"4x4 patches, windows 2x4x4 tokens), median of {args.repeats}")
-    print(f"{'frames':>6} {'tokens':>6} | " + " | ".join(f"{m + ' s/step':>17} {'MiB':>7}" for m in MODES))
+    table = Table(["frames", "tokens", *(f"{m} {unit}" for m in MODES for unit in ("s/step", "MiB"))], args.markdown)
     for frames in args.frames:
         row = []
         for mode in MODES:
             out = subprocess.run([sys.executable, __file__, "--one", mode, str(frames), *shared],
                                  capture_output=True, text=True, check=True)
             row.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{frames:>6} {row[0]['tokens']:>6} | "
-              + " | ".join(f"{r['seconds']:>17.3f} {r['mib']:>7.0f}" for r in row), flush=True)
+        table.add(frames, row[0]["tokens"], *(v for r in row for v in (f"{r['seconds']:.3f}", f"{r['mib']:.0f}")))
+    table.finish()
     print(f"(device: {row[0]['device']}; memory: peak growth during the steps over model + optimiser state)")
 
 

@@ -26,14 +26,14 @@ from ditkit.app import is_local, serve  # noqa: E402
 from ditkit.app import params  # noqa: E402
 from ditkit.pipeline import Cancelled  # noqa: E402
 from ditkit.app.jobs import JobBoard, QueueFull  # noqa: E402
-from ditkit.app.runs import MAX_POINTS, RunIndex, read_metrics  # noqa: E402
+from ditkit.app.runs import MAX_POINTS, RunIndex, describe, read_metrics  # noqa: E402
 from ditkit.app.server import create_app  # noqa: E402
 from ditkit.cli import main  # noqa: E402
 from ditkit.train import build_config, train  # noqa: E402
 
 # 16x16 MNIST, one DiT block with 4x4 patches, a few steps: seconds on one core
 TINY = ["image_size=16", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4", "batch_size=16",
-        "warmup_steps=1", "samples_per_class=1", "sample_steps=2", "precision=fp32", "log_every=2"]
+        "warmup_steps=1", "samples_per_class=1", "sample.steps=2", "precision=fp32", "log_every=2"]
 FACTS = {"kind": "image", "num_classes": 10, "class_names": [str(k) for k in range(10)], "conditional": True,
          "image_size": [16, 16], "channels": 1, "samplers": ["heun", "euler", "sde"], "defaults": {}}
 
@@ -122,6 +122,20 @@ def test_runs_are_found_below_the_root_and_served_one_at_a_time(runs, tmp_path):
         RunIndex(ckpt=tmp_path)
     with pytest.raises(ValueError, match="one run"):
         RunIndex()
+
+
+def test_the_default_checkpoint_is_the_one_ditkit_sample_uses(runs, tmp_path):
+    """The newest that verifies: a damaged newest checkpoint is still listed, but not loaded by default."""
+    import shutil
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(runs / "group" / "tiny", run_dir)
+    ema = run_dir / "checkpoints" / "step_00000006" / "ema.safetensors"
+    with open(ema, "r+b") as f:
+        f.truncate(ema.stat().st_size - 16)
+    run = RunIndex(ckpt=run_dir).get("tiny")
+    assert [c["name"] for c in describe(run)["checkpoints"]] == ["step_00000003", "step_00000006"]
+    assert run.checkpoint(None).name == "step_00000003" and run.checkpoint("step_00000006").name == "step_00000006"
 
 
 def test_only_files_inside_a_served_run_are_readable(runs, tmp_path):
@@ -514,7 +528,7 @@ def test_samples_become_one_picture_each_and_a_grid():
 # ------------------------------------------------------------------------------------------------
 
 SMALL = ["image_size=16", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4", "warmup_steps=1",
-         "samples_per_class=1", "sample_steps=2", "precision=fp32"]
+         "samples_per_class=1", "sample.steps=2", "precision=fp32"]
 
 
 @pytest.fixture(scope="module")

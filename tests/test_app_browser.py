@@ -27,7 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]  # containers give /dev/shm little room
 TINY = ["image_size=16", "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4", "batch_size=16",
-        "warmup_steps=1", "samples_per_class=1", "sample_steps=2", "precision=fp32", "log_every=2"]
+        "warmup_steps=1", "samples_per_class=1", "sample.steps=2", "precision=fp32", "log_every=2"]
 
 
 def chromium() -> str:

@@ -1,9 +1,10 @@
-"""Block caching in the sampling layer (issue 15): exactness at threshold 0, reuse counts, bad input;
+"""Block caching in the sampling layer: exactness at threshold 0, reuse counts, bad input;
 and the other model-running options of `ditkit.sample` (precision, compile)."""
 import pytest
 import torch
 
 import ditkit
+from ditkit.sampling import CFG
 from ditkit.sampling.cache import BlockCache
 from ditkit.diffusion import FlowMatching
 from ditkit.models import DiT
@@ -23,7 +24,7 @@ def tiny_dit(block="adaln_zero", seed=0):
 def draw(model, **kw):
     y = torch.tensor([0, 1, 2, 0])
     noise = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-    return ditkit.sample(model, FlowMatching(), noise.shape, y=y, noise=noise, cfg_scale=3.0, sampler="heun",
+    return ditkit.sample(model, FlowMatching(), noise.shape, y=y, noise=noise, guidance=CFG(3.0), sampler="heun",
                          steps=8, progress=False, **kw)
 
 

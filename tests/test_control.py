@@ -16,7 +16,7 @@ from ditkit.data import load_dataset
 from ditkit.data.conditions import edges, lowres, make_condition
 from ditkit.models import DiT
 from ditkit.models.control import ControlBranch, ControlDiT
-from ditkit.pipeline import load_pipeline
+from ditkit.pipeline import Pipeline
 from ditkit.sampling import sample
 from ditkit.train import build_config, train
 from ditkit import checkpoint as ckpt
@@ -125,7 +125,7 @@ def test_conditions():
 
 # 16x16 MNIST, a 2-block DiT with 4x4 patches: a base run and a low-resolution control run, ~6 s on one core
 TINY = ["image_size=16", "hidden_size=64", "depth=2", "num_heads=4", "patch_size=4", "batch_size=32",
-        "warmup_steps=10", "samples_per_class=1", "sample_steps=4", "precision=fp32", "log_every=50"]
+        "warmup_steps=10", "samples_per_class=1", "sample.steps=4", "precision=fp32", "log_every=50"]
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +144,11 @@ def test_control_run_checkpoints_only_the_branch(runs):
     assert config["model_type"] == "ControlBranch" and config["num_blocks"] == 1 and config["condition"] == "lowres"
     info = json.loads((path / "run.json").read_text())
     assert info["base_checkpoint"] == str(ckpt.latest_checkpoint(runs / "base").resolve())
-    pipe = load_pipeline(runs / "ctl")
+    pipe = Pipeline.load(runs / "ctl")
     assert isinstance(pipe.model, ControlDiT)
     saved = ckpt.load_weights(path, "ema.safetensors")
     assert set(saved) == set(pipe.model.branch.state_dict())  # no base weights in the control checkpoint
-    base = load_pipeline(runs / "base").model
+    base = Pipeline.load(runs / "base").model
     assert all(torch.equal(v, pipe.model.base.state_dict()[k]) for k, v in base.state_dict().items())
 
 
@@ -158,7 +158,7 @@ def test_samples_follow_the_low_resolution_condition(runs):
     held = load_dataset("mnist", image_size=16, split="heldout")
     x, y = held.images[:100], held.labels[:100]
     cond = lowres(x)
-    base, control = load_pipeline(runs / "base"), load_pipeline(runs / "ctl")
+    base, control = Pipeline.load(runs / "base"), Pipeline.load(runs / "ctl")
     kw = dict(y=y, steps=10, sampler="euler", progress=False)
     plain = sample(base.model, base.objective, x.shape, generator=torch.Generator().manual_seed(0), **kw)
     steered = sample(control.model.bind(cond), control.objective, x.shape, generator=torch.Generator().manual_seed(0),
@@ -249,7 +249,7 @@ def test_cli_edit_with_a_prompt(tmp_path, capsys):
     train(build_config(None, {"out": str(run), "data": "shapes", "steps": 5},
                        ["text_model=mmdit", "text_encoder=bytes", "text_max_length=40", "image_size=16",
                         'data_args={"n": 64}', "hidden_size=32", "depth=1", "num_heads=2", "patch_size=4",
-                        "batch_size=8", "precision=fp32", "samples_per_class=1", "sample_steps=2"]), progress=False)
+                        "batch_size=8", "precision=fp32", "samples_per_class=1", "sample.steps=2"]), progress=False)
     picture = (np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3)
     mask = np.zeros((16, 16), np.uint8)
     mask[4:12, 4:12] = 255

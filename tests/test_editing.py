@@ -11,7 +11,7 @@ from ditkit.diffusion import FlowMatching, create_diffusion
 from ditkit.diffusion.gaussian import sampling_levels
 from ditkit.sampling.editing import edit, noised_to_level, read_image, read_mask
 from ditkit.models import DiT
-from ditkit.sampling import sample, sampling_schedule
+from ditkit.sampling import CFG, Editing, sample, sampling_schedule
 from test_gaussian_diffusion import one_thread  # noqa: F401  (the fixture, used through pytestmark)
 from test_gaussian_diffusion import GAUSSIAN, as_images, exact_eps_model, exact_moments, exact_velocity_model, flat
 
@@ -44,7 +44,7 @@ def image_batch() -> torch.Tensor:
 @pytest.mark.parametrize("objective,sampler", SAMPLERS)
 def test_strength_0_is_the_image_and_strength_1_is_plain_sampling(objective, sampler):
     model, obj, image, y = tiny_dit(objective), objective_for(objective), image_batch(), torch.tensor([0, 1, 2])
-    kw = dict(y=y, cfg_scale=2.0, steps=6, sampler=sampler)
+    kw = dict(y=y, guidance=CFG(2.0), steps=6, sampler=sampler)
     assert torch.equal(edit(model, obj, image, strength=0.0, generator=torch.Generator().manual_seed(1), **kw), image)
     plain = sample(model, obj, image.shape, generator=torch.Generator().manual_seed(1), progress=False, **kw)
     edited = edit(model, obj, image, strength=1.0, generator=torch.Generator().manual_seed(1), **kw)
@@ -82,7 +82,7 @@ def test_sdedit_samples_the_posterior_of_the_noised_image(sampler, steps, start,
         image = as_images(x.expand(len(z), -1))
         return sample(model, obj, z.shape, steps=steps, sampler=sampler,
                       noise=noised_to_level(schedule, n, image, start, z),
-                      start_step=start, step_noises=zs, progress=False)
+                      editing=Editing(start_step=start), step_noises=zs, progress=False)
 
     mean, cov = exact_moments(run, GAUSSIAN.dim, noisy)
     if sampler == "ddpm":
@@ -97,7 +97,7 @@ def test_sdedit_samples_the_posterior_of_the_noised_image(sampler, steps, start,
     image, g = as_images(x[None]), torch.Generator().manual_seed(3)
     z = torch.randn(image.shape, generator=g, dtype=torch.float64)
     direct = sample(model, obj, image.shape, steps=steps, sampler=sampler, generator=g, progress=False,
-                    noise=noised_to_level(schedule, n, image, start, z), start_step=start)
+                    noise=noised_to_level(schedule, n, image, start, z), editing=Editing(start_step=start))
     edited = edit(model, obj, image, strength=(n - start) / n, steps=steps, sampler=sampler,
                   generator=torch.Generator().manual_seed(3))
     assert torch.equal(edited, direct)
@@ -119,7 +119,7 @@ def test_inpainting_keeps_the_known_pixels_exactly(objective, sampler):
     model, obj, image = tiny_dit(objective), objective_for(objective), image_batch()
     mask = torch.zeros(8, 8)
     mask[2:6, 1:5] = 1
-    out = edit(model, obj, image, mask, y=torch.tensor([0, 1, 2]), cfg_scale=2.0, steps=6, sampler=sampler,
+    out = edit(model, obj, image, mask, y=torch.tensor([0, 1, 2]), guidance=CFG(2.0), steps=6, sampler=sampler,
                jump_length=2, jump_n_sample=2, generator=torch.Generator().manual_seed(0))
     keep = (mask == 0).expand_as(image)
     assert torch.equal(out[keep], image[keep])

@@ -166,6 +166,24 @@ def test_evaluate_inception_plumbing(tmp_path, monkeypatch):
         evaluate(ref, reference=str(tmp_path / "ref.npz"), inception_weights=tmp_path / "missing.pth")
 
 
+def test_cli_eval_of_clips_reports_them_beside_real_clips(random_classifier, tmp_path, capsys):
+    """`ditkit eval CLIPS.npz` (positional) on a video run's samples gives the clip metrics with real-clip baselines."""
+    from ditkit.data import make_moving_mnist
+
+    clips = make_moving_mnist(n_clips=24, frames=4, motion="class", split="heldout", seed=3)
+    path = tmp_path / "clips.npz"
+    np.savez(path, images=clips.images.numpy(), labels=clips.labels.numpy())
+    assert main(["eval", str(path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("frame_accuracy", "clip_consistency", "motion"):
+        assert 0.0 <= metrics[key] <= 1.0 and f"{key}_real" in metrics
+    assert metrics["motion"] == metrics["motion_real"] == 1.0  # real clips move by the rule
+    assert main(["eval", str(path)]) == 0
+    assert "real clips" in capsys.readouterr().out
+    assert main(["eval"]) == 2
+    assert "no samples given" in capsys.readouterr().err
+
+
 def test_cli_eval_json_and_table(random_classifier, heldout, tmp_path, capsys):
     path = tmp_path / "s.npz"
     np.savez(path, images=heldout.images[:150].numpy(), labels=heldout.labels[:150].numpy())

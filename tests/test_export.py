@@ -52,24 +52,25 @@ def test_export_cli_from_a_checkpoint_directory(tmp_path, capsys):
     assert "must end in .onnx" in capsys.readouterr().err
 
 
-def test_half_needs_a_gpu(tmp_path, capsys):
+def test_fp16_needs_a_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: test_half_precision_sampling_on_gpu covers --half")
+        pytest.skip("this machine has a GPU: test_fp16_sampling_on_gpu covers --precision fp16")
     random_dit().save_pretrained(tmp_path / "ckpt")
-    assert main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--half", "--out", str(tmp_path / "s.npz")]) == 2
+    assert main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--precision", "fp16",
+                 "--out", str(tmp_path / "s.npz")]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 sampling is a GPU feature")
-def test_half_precision_sampling_on_gpu(tmp_path):
+def test_fp16_sampling_on_gpu(tmp_path):
     import numpy as np
 
     random_dit().save_pretrained(tmp_path / "ckpt")
     outs = {}
-    for flag in ([], ["--half"]):
-        out = tmp_path / f"s{len(flag)}.npz"
+    for flag in ([], ["--precision", "fp16"]):
+        out = tmp_path / f"s{len(flag)}.npz"  # s0: fp32, s2: fp16
         assert main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--class", "1", "2", "--n-per-class", "2",
                      "--steps", "20", "--out", str(out), *flag]) == 0
         outs[len(flag)] = np.load(out)["images"]
     # same noise, same sampler: float16 drifts but stays close (latents of order 1)
-    assert np.isfinite(outs[1]).all() and np.abs(outs[1] - outs[0]).max() < 0.1
+    assert np.isfinite(outs[2]).all() and np.abs(outs[2] - outs[0]).max() < 0.1

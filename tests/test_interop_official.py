@@ -112,6 +112,7 @@ def test_convert_cli_writes_a_directory_that_from_pretrained_and_sample_paper_re
         convert_official(src, out, num_heads=4)
     # --paper: 250 DDPM steps with CFG 4 on 3 channels; 4-channel latents are written to .npz
     import ditkit.pipeline
+    from ditkit.sampling import CFG
 
     calls, real_sample = [], ditkit.pipeline.sample
     monkeypatch.setattr(ditkit.pipeline, "sample", lambda *a, **kw: calls.append(kw) or real_sample(*a, **kw))
@@ -121,6 +122,6 @@ def test_convert_cli_writes_a_directory_that_from_pretrained_and_sample_paper_re
     import numpy as np
 
     (kw,) = calls
-    assert (kw["sampler"], kw["steps"], kw["cfg_scale"], kw["guided_channels"]) == ("ddpm", 250, 4.0, 3)
+    assert (kw["sampler"], kw["steps"], kw["guidance"], kw["guided_channels"]) == ("ddpm", 250, CFG(4.0), 3)
     arrays = np.load(npz)
     assert arrays["images"].shape == (1, 4, 8, 8) and np.isfinite(arrays["images"]).all()

@@ -121,7 +121,7 @@ def test_extract_train_sample_decode_end_to_end(vae_dir, image_dir, tmp_path, ca
     assert "20 latents (4, 16, 16)" in capsys.readouterr().out
     assert main(["train", "--data", str(cache), "--steps", "3", "--out", str(run), "hidden_size=32", "depth=1",
                  "num_heads=2", "patch_size=4", "batch_size=4", "warmup_steps=1", "samples_per_class=1",
-                 "sample_steps=2", "precision=fp32"]) == 0
+                 "sample.steps=2", "precision=fp32"]) == 0
     info = json.loads((run / "checkpoints" / "step_00000003" / "run.json").read_text())
     config = json.loads((run / "checkpoints" / "step_00000003" / "config.json").read_text())
     assert info["vae"] == str(vae_dir.resolve())

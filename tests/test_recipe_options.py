@@ -1,4 +1,4 @@
-"""The modern-recipe options (issue 14): each one's maths, and that the defaults change nothing."""
+"""The modern-recipe options: each one's maths, and that the defaults change nothing."""
 from __future__ import annotations
 
 import math
@@ -11,12 +11,13 @@ from ditkit.diffusion.flow import FlowMatching
 from ditkit.diffusion.gaussian import space_timesteps
 from ditkit.models import DiT
 from ditkit.models.layers import Attention, Mlp, RMSNorm, SwiGLU, apply_rope_2d, rope_2d_tables
-from ditkit.sampling import apg_update, sample, shifted_gaussian_steps
+from ditkit.sampling import APG, CFG, Autoguidance, guidance_from_settings, sample, shifted_gaussian_steps
+from ditkit.sampling.guidance import apg_update
 from ditkit.config import build_config
 from ditkit.train.ema import EMA, power_ema_gamma
 
 TINY_ARGS = ["data=patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1", "num_heads=2",
-             "patch_size=2", "batch_size=8", "save_every=4", "warmup_steps=1", "samples_per_class=1", "sample_steps=2",
+             "patch_size=2", "batch_size=8", "save_every=4", "warmup_steps=1", "samples_per_class=1", "sample.steps=2",
              "precision=fp32"]
 SMALL = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3)
 
@@ -184,23 +185,21 @@ def test_power_ema_gamma_and_closed_form_average():
 
 
 def test_new_config_fields_round_trip_and_validate():
-    c = build_config(None, {}, ["sample_cfg_interval=[0.1, 0.8]", "sample_apg_eta=0", "ema_std=0.1",
-                                "velocity_cosine_weight=0.5", "sample_guide_scale=2.0"])
+    c = build_config(None, {}, ["sample.cfg_interval=[0.1, 0.8]", "sample.apg_eta=0", "ema_std=0.1",
+                                "velocity_cosine_weight=0.5", "sample.guide_scale=2.0"])
     assert (c.sample.cfg_interval, c.sample.apg_eta, c.ema_std, c.velocity_cosine_weight) == ((0.1, 0.8), 0.0, 0.1, 0.5)
     from ditkit.pipeline import Pipeline
 
     pipe = Pipeline(model=_flow_model(), objective=FlowMatching(), info={"objective": "flow",
                                                                         "train_config": c.to_dict()})
-    kwargs = pipe.sample_kwargs(pipe.settings())
-    assert kwargs["cfg_interval"] == (0.1, 0.8) and kwargs["apg_eta"] == 0.0
-    assert kwargs["guide_scale"] is None and "guide_model" not in kwargs  # no guide model: no autoguidance
+    apg = APG(c.sample.cfg_scale, eta=0.0, interval=(0.1, 0.8))
+    assert pipe.sample_kwargs(pipe.settings())["guidance"] == apg  # no guide model: no autoguidance
     pipe.guide = _flow_model()
-    kwargs = pipe.sample_kwargs(pipe.settings())
-    assert kwargs["guide_scale"] == 2.0 and kwargs["guide_model"] is pipe.guide
-    with pytest.raises(ValueError, match="sample_cfg_interval"):
-        build_config(None, {}, ["sample_cfg_interval=[0.8, 0.1]"])
-    with pytest.raises(ValueError, match="sample_shift"):
-        build_config(None, {}, ["sample_shift=0"])
+    assert pipe.sample_kwargs(pipe.settings())["guidance"] == Autoguidance(pipe.guide, 2.0, cfg=apg)
+    with pytest.raises(ValueError, match="sample.cfg_interval"):
+        build_config(None, {}, ["sample.cfg_interval=[0.8, 0.1]"])
+    with pytest.raises(ValueError, match="sample.shift"):
+        build_config(None, {}, ["sample.shift=0"])
 
 
 # ---- sampling options ------------------------------------------------------------------------
@@ -222,9 +221,9 @@ def _model_and_sampler(objective: str) -> tuple[DiT, object, dict]:
 def test_autoguidance_with_the_model_itself_is_plain_conditional_sampling(objective):
     model, obj, kw = _model_and_sampler(objective)
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    plain = sample(model, obj, noise.shape, y=y, cfg_scale=1.0, noise=noise, progress=False, **kw)
-    auto = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, guide_model=model, noise=noise, progress=False, **kw)
-    cfg = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, noise=noise, progress=False, **kw)
+    plain = sample(model, obj, noise.shape, y=y, noise=noise, progress=False, **kw)
+    auto = sample(model, obj, noise.shape, y=y, guidance=Autoguidance(model, 3.0), noise=noise, progress=False, **kw)
+    cfg = sample(model, obj, noise.shape, y=y, guidance=CFG(3.0), noise=noise, progress=False, **kw)
     assert torch.equal(auto, plain)
     assert not torch.allclose(cfg, plain, atol=1e-3)  # guidance does something with this model
 
@@ -242,7 +241,7 @@ def test_autoguidance_follows_its_formula_and_needs_no_null_label():
     obj = FlowMatching()
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(6))
     # one Euler step from t = 1 to 0: x0 = x - v, v = weak + 2.5 (strong - weak) = x + 2.5 (x + 1)
-    out = sample(strong, obj, noise.shape, cfg_scale=2.5, guide_model=weak, noise=noise, steps=1, sampler="euler",
+    out = sample(strong, obj, noise.shape, guidance=Autoguidance(weak, 2.5), noise=noise, steps=1, sampler="euler",
                  progress=False)
     torch.testing.assert_close(out, noise - (noise + 2.5 * (noise + 1)))
     assert calls == ["strong", "weak"]
@@ -255,14 +254,80 @@ def test_cfg_plus_autoguidance_follows_its_formula():
     def weak(x, t, y):
         return x + 0.5 * y.view(-1, 1, 1, 1).float()
     noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(11)), torch.tensor([0, 3])
-    out = sample(strong, FlowMatching(), noise.shape, y=y, cfg_scale=2.0, guide_model=weak, guide_scale=3.0,
+    out = sample(strong, FlowMatching(), noise.shape, y=y, guidance=Autoguidance(weak, 3.0, cfg=CFG(2.0)),
                  noise=noise, steps=1, sampler="euler", progress=False, null_label=5)
     cond, uncond, bad = strong(noise, None, y), strong(noise, None, torch.full_like(y, 5)), weak(noise, None, y)
     v = uncond + 2.0 * (cond - uncond) + (3.0 - 1) * (cond - bad)
     torch.testing.assert_close(out, noise - v)
     with pytest.raises(ValueError, match="guide_scale"):
-        sample(strong, FlowMatching(), noise.shape, y=y, cfg_scale=2.0, guide_scale=3.0, noise=noise, steps=1,
-               progress=False, null_label=5)
+        guidance_from_settings(cfg_scale=2.0, guide_scale=3.0)
+
+
+def test_cfg_plus_autoguidance_inside_an_interval_calls_the_guide_at_every_step():
+    """Flow, Euler, 4 steps (t = 1, 0.75, 0.5, 0.25): CFG's batched call only for t <= 0.5, the guide always."""
+    calls = []
+
+    def strong(x, t, y):
+        calls.append(("strong", len(x)))
+        return x + y.view(-1, 1, 1, 1).float()
+
+    def weak(x, t, y):
+        calls.append(("weak", len(x)))
+        return 0.5 * x
+    noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(12)), torch.tensor([0, 3])
+    guidance = Autoguidance(weak, 3.0, cfg=CFG(2.0, (0.0, 0.5)))
+    sample(strong, FlowMatching(), noise.shape, y=y, guidance=guidance, noise=noise, steps=4, sampler="euler",
+           progress=False, null_label=5)
+    assert calls == [("strong", 2), ("weak", 2)] * 2 + [("strong", 4), ("weak", 2)] * 2
+    # outside CFG's interval the prediction is cond + (w - 1) (cond - guide); inside it CFG's plus that term
+    x, t = noise, torch.full((2,), 1000.0)
+    out = guidance.model_fn(strong, FlowMatching(), y, torch.full_like(y, 5), 1)(x, t)
+    torch.testing.assert_close(out, strong(x, t, y) + 2.0 * (strong(x, t, y) - weak(x, t, y)))
+    x, t = noise, torch.full((2,), 250.0)
+    out = guidance.model_fn(strong, FlowMatching(), y, torch.full_like(y, 5), 1)(x, t)
+    cond, uncond = strong(x, t, y), strong(x, t, torch.full_like(y, 5))
+    torch.testing.assert_close(out, uncond + 2.0 * (cond - uncond) + 2.0 * (cond - weak(x, t, y)))
+
+
+def test_guidance_from_settings_gives_each_mode():
+    def guide(x, t, y):
+        return x
+    assert guidance_from_settings() is None and guidance_from_settings(cfg_scale=1.0, cfg_interval=(0, 0.5)) is None
+    assert guidance_from_settings(cfg_scale=2.0, cfg_interval=(0.0, 0.5)) == CFG(2.0, (0.0, 0.5))
+    assert guidance_from_settings(cfg_scale=3.0, apg_eta=0.0, apg_norm=2.0, apg_momentum=-0.5) == APG(
+        3.0, 0.0, 2.0, -0.5)
+    assert guidance_from_settings(cfg_scale=2.0, cfg_interval=(0.1, 0.9), guide_model=guide,
+                                  guide_unconditional=True) == Autoguidance(guide, 2.0, True, (0.1, 0.9))
+    assert guidance_from_settings(cfg_scale=4.0, cfg_interval=(0.2, 0.8), guide_model=guide, guide_scale=2.0,
+                                  apg_eta=0.0) == Autoguidance(guide, 2.0, cfg=APG(4.0, 0.0, interval=(0.2, 0.8)))
+    with pytest.raises(ValueError, match="apg_eta projects guidance"):
+        guidance_from_settings(cfg_scale=2.0, guide_model=guide, apg_eta=0.0)
+    with pytest.raises(ValueError, match="APG needs numbers eta and momentum and a norm cap > 0"):
+        guidance_from_settings(cfg_scale=2.0, apg_eta=0.0, apg_norm=0.0)
+    with pytest.raises(ValueError, match="Autoguidance needs a guide_model"):
+        Autoguidance(None, 2.0)
+    with pytest.raises(ValueError, match="Autoguidance's cfg must be a CFG or APG"):
+        Autoguidance(guide, 2.0, cfg=2.0)
+    with pytest.raises(ValueError, match="Autoguidance interval"):
+        Autoguidance(guide, 2.0, interval=(1.0, 0.0))
+
+
+def test_apg_object_follows_apg_update_with_its_momentum():
+    """Two calls of one APG model_fn: each is cond + (s - 1) update / b, update from apg_update on the denoised
+    images with b (cond - uncond), the second call's running average carrying the first's."""
+    flow, g = FlowMatching(), torch.Generator().manual_seed(13)
+    x, y, null = torch.randn(2, 2, 4, 4, generator=g), torch.tensor([0, 2]), torch.full((2,), 3)
+
+    def model(x, t, y):
+        return torch.sin(x * (y.view(-1, 1, 1, 1).float() + 1))
+    fn = APG(3.0, eta=0.3, norm=2.0, momentum=-0.5).model_fn(model, flow, y, null, 2)
+    running = None
+    for step in (900.0, 600.0):
+        t = torch.full((2,), step)
+        cond, uncond = model(x, t, y), model(x, t, null)
+        a, b = (c.view(-1, 1, 1, 1) for c in flow.x0_coefficients(t))
+        update, running = apg_update(b * (cond - uncond), a * x + b * cond, 0.3, 2.0, running, -0.5)
+        torch.testing.assert_close(fn(x, t), cond + 2.0 * update / b)
 
 
 def test_apg_update_formula_on_a_constructed_case():
@@ -289,9 +354,9 @@ def test_apg_update_formula_on_a_constructed_case():
 def test_apg_with_the_whole_parallel_component_is_cfg(objective):
     model, obj, kw = _model_and_sampler(objective)
     y, noise = torch.tensor([0, 1, 2, 1]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(7))
-    cfg = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, noise=noise, progress=False, **kw)
-    apg1 = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, apg_eta=1.0, noise=noise, progress=False, **kw)
-    apg0 = sample(model, obj, noise.shape, y=y, cfg_scale=3.0, apg_eta=0.0, noise=noise, progress=False, **kw)
+    cfg = sample(model, obj, noise.shape, y=y, guidance=CFG(3.0), noise=noise, progress=False, **kw)
+    apg1 = sample(model, obj, noise.shape, y=y, guidance=APG(3.0, eta=1.0), noise=noise, progress=False, **kw)
+    apg0 = sample(model, obj, noise.shape, y=y, guidance=APG(3.0, eta=0.0), noise=noise, progress=False, **kw)
     torch.testing.assert_close(apg1, cfg, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(apg0, cfg, atol=1e-3)
 
@@ -316,8 +381,8 @@ def test_shift_one_is_the_plain_grid():
     assert shifted[0] == 1.0 and shifted[-1] == 0.0 and (shifted[1:-1] > flow.timesteps(10, 1.0)[1:-1]).all()
     model = _flow_model()
     y, noise = torch.tensor([0, 2]), torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(9))
-    plain = sample(model, flow, noise.shape, y=y, cfg_scale=2.0, steps=3, noise=noise, progress=False)
-    one = sample(model, flow, noise.shape, y=y, cfg_scale=2.0, steps=3, noise=noise, progress=False, shift=1.0)
+    plain = sample(model, flow, noise.shape, y=y, guidance=CFG(2.0), steps=3, noise=noise, progress=False)
+    one = sample(model, flow, noise.shape, y=y, guidance=CFG(2.0), steps=3, noise=noise, progress=False, shift=1.0)
     assert torch.equal(plain, one)
     # Gaussian: shift 1 keeps the even spacing of "N"; a shift > 1 moves the kept steps towards noise
     assert shifted_gaussian_steps(1000, 50, 1.0) == space_timesteps(1000, "50")
@@ -339,42 +404,35 @@ def test_gaussian_sampling_honours_shift():
 
 
 def test_a_run_keeps_its_autoguidance_model_and_samples_with_it(tmp_path):
-    from ditkit.pipeline import load_pipeline
+    from ditkit.pipeline import Pipeline
     from ditkit import checkpoint as ckpt
     from ditkit.train import train
 
     run = tmp_path / "run"
     c = build_config(None, {"out": str(run)}, [
-        *TINY_ARGS, "steps=4", "sample_guide_step=2", "sample_guide_scale=2.0", "sample_guide_unconditional=true",
-        "sample_cfg_interval=[0.1, 0.9]", 'model_args={"mlp": "swiglu", "pos_embed": "rope"}',
+        *TINY_ARGS, "steps=4", "sample_guide_step=2", "sample.guide_scale=2.0", "sample.guide_unconditional=true",
+        "sample.cfg_interval=[0.1, 0.9]", 'model_args={"mlp": "swiglu", "pos_embed": "rope"}',
         "velocity_cosine_weight=0.5", "ema_std=0.1"])
     train(c, progress=False)
-    pipe = load_pipeline(run)
+    pipe = Pipeline.load(run)
     assert pipe.guide is not None and pipe.model.config["mlp"] == "swiglu"
     # the guide is the EMA at step 2, not the final one
     final = ckpt.load_weights(ckpt.latest_checkpoint(run), "ema.safetensors")
     assert not all(torch.equal(v, final[k]) for k, v in pipe.guide.state_dict().items())
-    kwargs = pipe.sample_kwargs(pipe.settings())
-    assert kwargs["guide_model"] is pipe.guide and kwargs["guide_unconditional"] and kwargs["guide_scale"] == 2.0
-    assert kwargs["cfg_interval"] == (0.1, 0.9)
+    guidance = pipe.sample_kwargs(pipe.settings())["guidance"]
+    assert guidance.guide_model is pipe.guide and guidance.unconditional and guidance.scale == 2.0
+    assert guidance.cfg == CFG(pipe.settings()["cfg"], (0.1, 0.9)) and guidance.interval is None
     with pytest.raises(ValueError, match="sample_guide_step"):
         build_config(None, {}, ["sample_guide_step=0"])
     short = tmp_path / "short"  # a run shorter than the guide step samples without a guide, silently
     train(build_config(None, {"out": str(short)}, [*TINY_ARGS, "steps=2", "sample_guide_step=400"]), progress=False)
-    assert load_pipeline(short).guide is None and not (short / "guide").exists()
+    assert Pipeline.load(short).guide is None and not (short / "guide").exists()
 
 
-def test_a_saved_config_without_the_new_fields_keeps_what_it_trained_and_sampled_with():
-    """Runs saved before `mlp`, `cfg_interval` and `shift` existed had the tanh GELU, guided every step and
-    sampled on the plain grid; the new defaults (exact GELU, guidance for t <= 0.75, shift 1.5) apply only to
-    new runs."""
+def test_a_saved_config_round_trips_with_every_field():
+    """A run saves every field, so loading its config gives back what it trained and sampled with."""
     from ditkit.config import TrainConfig
 
-    new = TrainConfig()
-    assert new.mlp == "gelu_erf" and new.sample.cfg_interval == (0.0, 0.75) and new.sample.shift == 1.5
-    saved = new.to_dict()
-    del saved["mlp"], saved["sample"]["cfg_interval"], saved["sample"]["shift"]
-    old = TrainConfig.from_dict(saved)
-    assert old.mlp == "gelu" and old.sample.cfg_interval is None and old.sample.shift is None
-    kept = TrainConfig.from_dict(new.to_dict())
-    assert kept.mlp == "gelu_erf" and kept.sample.cfg_interval == (0.0, 0.75) and kept.sample.shift == 1.5
+    chosen = build_config(None, {}, ["mlp=gelu", "sample.cfg_interval=none", "sample.shift=none"])
+    assert TrainConfig.from_dict(chosen.to_dict()) == chosen
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()

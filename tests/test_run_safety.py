@@ -1,6 +1,6 @@
-"""Run safety (issue 16): checkpoint checksums on every load path, the run-directory lock, Ctrl-C/SIGTERM
+"""Run safety: checkpoint checksums on every load path, the run-directory lock, Ctrl-C/SIGTERM
 handling, missing extras, and warnings shown as one plain line. The CLI's bad-input cases are in
-test_bad_input.py; the interrupt-and-resume runs in test_train.py."""
+test_cli_errors.py; the interrupt-and-resume runs in test_train.py."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ from ditkit.cli import main
 from ditkit.extras import MissingExtra, require
 from ditkit.models import DiT
 from ditkit.notes import DitkitWarning, warn
-from ditkit.pipeline import load_pipeline
+from ditkit.pipeline import Pipeline
 from ditkit import checkpoint as ckpt
 from ditkit.train.interrupt import TrainingInterrupted, catch_interrupts
 from ditkit.train.lock import LOCK, RunLocked, acquire, is_stale, release, run_lock
@@ -55,7 +55,7 @@ def test_save_pretrained_records_checksums_and_from_pretrained_verifies_them(tmp
     with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt \\(checksum mismatch\\)"):
         DiT.from_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
-        load_pipeline(tmp_path / "m")
+        Pipeline.load(tmp_path / "m")
 
 
 def test_without_checksums_damage_is_still_one_clear_error(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import reference_path
 from ditkit.diffusion import FlowMatching, create_diffusion
 from ditkit.models import DiT
-from ditkit.sampling import ddim_respacing, guided_model, sample
+from ditkit.sampling import CFG, ddim_respacing, sample
 from test_gaussian_diffusion import one_thread  # noqa: F401  (the fixture, used through pytestmark)
 from test_gaussian_diffusion import MIXTURE, exact_eps_model, exact_velocity_model, flat
 
@@ -53,7 +53,7 @@ def test_matches_the_original_cfg_loop(name):
     model.load_state_dict(load_file(str(reference_path("dit_official", f"{name}.weights.safetensors"))))
     n = len(ref["loop.y"]) // 2  # the original's batch is [conditional; unconditional]; ours is the first half
     out = sample(model, create_diffusion("", learn_sigma=spec["learn_sigma"]), (n, *ref["loop.z"].shape[1:]),
-                 y=ref["loop.y"][:n], cfg_scale=4.0, steps=10, sampler="ddpm", guided_channels=3,
+                 y=ref["loop.y"][:n], guidance=CFG(4.0), steps=10, sampler="ddpm", guided_channels=3,
                  noise=ref["loop.z"][:n], step_noises=[z[:n] for z in ref["loop.noises"]], progress=False)
     # float32 rounding: through 10 steps of a random-weights model the values reach ~700, so the bound is
     # 2e-6 of the sample's scale (errors measured 3.5e-7 of it; a wrong step is off by orders of magnitude)
@@ -70,7 +70,7 @@ def test_cfg_scale_1_is_the_conditional_model_with_one_call_per_step(sampler):
     gaussian_sampler = sampler in ("ddpm", "ddim")
     objective = gaussian(True) if gaussian_sampler else FlowMatching()
     model = LabelModel(learn_sigma=gaussian_sampler)
-    out = sample(model, objective, SHAPE, y=Y, cfg_scale=1.0, steps=4, sampler=sampler,
+    out = sample(model, objective, SHAPE, y=Y, guidance=CFG(1.0), steps=4, sampler=sampler,
                  generator=torch.Generator().manual_seed(0), progress=False)
     assert model.calls == [(2, [0, 2])] * (8 if sampler == "heun" else 4)
     conditional = lambda x, t: model(x, t, Y)  # noqa: E731
@@ -82,6 +82,8 @@ def test_cfg_scale_1_is_the_conditional_model_with_one_call_per_step(sampler):
     else:
         direct = objective.sample_loop(conditional, SHAPE, sampler=sampler, steps=4, **kwargs)
     assert torch.equal(out, direct)
+    assert torch.equal(sample(model, objective, SHAPE, y=Y, steps=4, sampler=sampler,
+                              generator=torch.Generator().manual_seed(0), progress=False), direct)
 
 
 def test_guidance_formula():
@@ -89,11 +91,14 @@ def test_guidance_formula():
     v = v(null) + s (v(y) - v(null)), with v(y) = 0.1 z + y + 1 and the null label 3."""
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     for scale in (1.0, 4.0):
-        out = sample(LabelModel(), FlowMatching(), SHAPE, y=Y, cfg_scale=scale, steps=1, sampler="euler",
+        out = sample(LabelModel(), FlowMatching(), SHAPE, y=Y, guidance=CFG(scale), steps=1, sampler="euler",
                      noise=z, progress=False)
         uncond = 0.1 * z + 4
         cond = 0.1 * z + (Y + 1).reshape(-1, 1, 1, 1)
         assert torch.allclose(z - out, uncond + scale * (cond - uncond), atol=1e-6)
+        as_number = sample(LabelModel(), FlowMatching(), SHAPE, y=Y, guidance=scale, steps=1, sampler="euler",
+                           noise=z, progress=False)
+        assert torch.equal(as_number, out)  # a number is CFG with that scale
 
 
 def test_guided_channels_and_learned_variance():
@@ -105,7 +110,7 @@ def test_guided_channels_and_learned_variance():
     cond, uncond = model(x, t, Y), model(x, t, null)
     guided = uncond + 4.0 * (cond - uncond)
     for g in (3, 1):
-        out = guided_model(model, Y, null, 4.0, None, g, FlowMatching().time_fraction)(x, t)
+        out = CFG(4.0).model_fn(model, FlowMatching(), Y, null, g)(x, t)
         assert torch.allclose(out[:, :g], guided[:, :g]) and torch.equal(out[:, g:], cond[:, g:])
     assert model.calls[-1] == (4, [0, 2, 3, 3])  # one batched call on [x; x] with [y; null]
 
@@ -113,15 +118,15 @@ def test_guided_channels_and_learned_variance():
 def test_cfg_interval_skips_the_unconditional_pass_outside_it():
     # flow, Euler, 10 steps: t = 1.0, 0.9, ..., 0.1; guidance only for t in [0, 0.5]
     model = LabelModel()
-    sample(model, FlowMatching(), SHAPE, y=Y, cfg_scale=3.0, cfg_interval=(0.0, 0.5), steps=10, sampler="euler",
+    sample(model, FlowMatching(), SHAPE, y=Y, guidance=CFG(3.0, interval=(0.0, 0.5)), steps=10, sampler="euler",
            progress=False)
     assert [n for n, _ in model.calls] == [2] * 5 + [4] * 5
     # Gaussian, ddpm "10": steps 999, 888, ..., 0 of 1000; guidance only for step/1000 in [0.5, 1]
     model = LabelModel(learn_sigma=True)
-    sample(model, gaussian(True), SHAPE, y=Y, cfg_scale=3.0, cfg_interval=(0.5, 1.0), steps=10, progress=False)
+    sample(model, gaussian(True), SHAPE, y=Y, guidance=CFG(3.0, (0.5, 1.0)), steps=10, progress=False)
     assert [n for n, _ in model.calls] == [4] * 5 + [2] * 5
     # an interval covering everything is plain CFG
-    runs = [sample(LabelModel(), FlowMatching(), SHAPE, y=Y, cfg_scale=3.0, cfg_interval=interval, steps=3,
+    runs = [sample(LabelModel(), FlowMatching(), SHAPE, y=Y, guidance=CFG(3.0, interval), steps=3,
                    generator=torch.Generator().manual_seed(0), progress=False) for interval in ((0.0, 1.0), None)]
     assert torch.equal(*runs)
 
@@ -173,7 +178,7 @@ def test_ddim_uses_the_originals_spacing():
 
 @pytest.mark.parametrize("objective,sampler", [(gaussian(False), "ddpm"), (FlowMatching(), "sde")])
 def test_seeded_runs_repeat(objective, sampler):
-    run = lambda seed: sample(LabelModel(), objective, SHAPE, y=Y, cfg_scale=2.0, steps=3,  # noqa: E731
+    run = lambda seed: sample(LabelModel(), objective, SHAPE, y=Y, guidance=CFG(2.0), steps=3,  # noqa: E731
                               sampler=sampler, generator=torch.Generator().manual_seed(seed), progress=False)
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
 
@@ -183,7 +188,7 @@ def test_with_a_dit_both_objectives(capsys):
     dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10).eval()
     y = torch.tensor([1, 7])
     for objective in (create_diffusion(""), FlowMatching()):
-        x = sample(dit, objective, (2, 4, 8, 8), y=y, cfg_scale=4.0, steps=3,
+        x = sample(dit, objective, (2, 4, 8, 8), y=y, guidance=CFG(4.0), steps=3,
                    generator=torch.Generator().manual_seed(0))
         assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
     x = sample(dit, FlowMatching(), (2, 4, 8, 8), steps=2, progress=False)  # unconditional: the null label
@@ -210,14 +215,20 @@ def test_bad_input():
     with pytest.raises(ValueError, match="one tensor per sampling step \\(5\\), got 4"):
         sample(model, gaussian(True), SHAPE, y=Y, steps=5, step_noises=[torch.zeros(SHAPE)] * 4, progress=False)
     with pytest.raises(ValueError, match="guided_channels must be in 1..3"):
-        sample(model, gaussian(True), SHAPE, y=Y, cfg_scale=2.0, guided_channels=4)
+        sample(model, gaussian(True), SHAPE, y=Y, guidance=CFG(2.0), guided_channels=4)
     with pytest.raises(ValueError, match="needs class labels"):
-        sample(model, gaussian(True), SHAPE, cfg_scale=2.0)
+        sample(model, gaussian(True), SHAPE, guidance=CFG(2.0))
     with pytest.raises(ValueError, match="null_label="):
-        sample(lambda x, t, y: x, FlowMatching(), SHAPE, y=Y, cfg_scale=2.0)
+        sample(lambda x, t, y: x, FlowMatching(), SHAPE, y=Y, guidance=CFG(2.0))
     with pytest.raises(ValueError, match="one label per sample"):
         sample(model, gaussian(True), SHAPE, y=torch.tensor([1]))
-    with pytest.raises(ValueError, match="cfg_interval"):
-        sample(model, FlowMatching(), SHAPE, y=Y, cfg_scale=2.0, cfg_interval=(0.8, 0.2))
+    for interval in ((0.8, 0.2), (0.0, 1.5), (0.5,), "0-1"):
+        with pytest.raises(ValueError, match="CFG interval must be \\(lo, hi\\)"):
+            CFG(2.0, interval)
+    for scale in (-1.0, float("nan"), "4", True):
+        with pytest.raises(ValueError, match="CFG scale must be a number >= 0"):
+            CFG(scale)
+    with pytest.raises(ValueError, match="guidance must be CFG"):
+        sample(model, FlowMatching(), SHAPE, y=Y, guidance="cfg")
     with pytest.raises(ValueError, match="GaussianDiffusion or FlowMatching"):
         sample(model, "ddpm", SHAPE, y=Y)

@@ -9,13 +9,13 @@ from ditkit.cli import main
 from ditkit.data import load_dataset
 from ditkit.data.shapes import COLOURS, POSITIONS, SHAPES
 from ditkit.evaluate.shapes import describe, parse_caption, prompt_adherence
-from ditkit.pipeline import load_pipeline
-from ditkit.sampling import sample
+from ditkit.pipeline import Pipeline
+from ditkit.sampling import CFG, sample
 from ditkit.train import build_config, train
 
 TINY = ["text_encoder=bytes", "text_max_length=40", "image_size=16", 'data_args={"n": 1200}', "hidden_size=64",
         "depth=2", "num_heads=4", "patch_size=4", "batch_size=32", "lr=2e-3", "warmup_steps=20", "precision=fp32",
-        "save_every=100000", "samples_per_class=1", "sample_steps=4"]
+        "save_every=100000", "samples_per_class=1", "sample.steps=4"]
 
 
 def test_shapes_are_captioned_and_the_judge_reads_them():
@@ -45,13 +45,13 @@ def trained_mmdit(tmp_path_factory):
 def test_prompted_samples_follow_the_prompt(trained_mmdit):
     """After 600 steps, samples of 40 different prompts have the prompted colour and position far more
     often than the same model's unconditional (null-prompt) samples: >= 0.8 each, and >= 0.4 above."""
-    pipe = load_pipeline(trained_mmdit)
+    pipe = Pipeline.load(trained_mmdit)
     captions = pipe.info["class_names"]
     prompts = [captions[i] for i in torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))[:40]]
     table = pipe.with_prompts(prompts)
     scores = {}
     for name, y, cfg in (("prompted", torch.arange(40), 4.0), ("unconditional", torch.full((40,), 40), 1.0)):
-        x = sample(table, pipe.objective, (40, 3, 16, 16), y=y, cfg_scale=cfg, steps=10,
+        x = sample(table, pipe.objective, (40, 3, 16, 16), y=y, guidance=CFG(cfg), steps=10,
                    generator=torch.Generator().manual_seed(1), progress=False)
         scores[name] = prompt_adherence(x.clamp(-1, 1), prompts)
     for key in ("colour", "position"):

@@ -13,7 +13,7 @@ from ditkit.images import clip_frames, save_gif
 from ditkit.models import VideoDiT
 from ditkit.models.layers import sincos_2d, sincos_3d
 from ditkit.models.video import from_windows, to_windows
-from ditkit.sampling import sample
+from ditkit.sampling import CFG, sample
 
 
 def tiny(**kw) -> VideoDiT:
@@ -192,7 +192,7 @@ def test_sampler_draws_clips(objective):
     model = randomize(tiny(learn_sigma=objective == "ddpm"))
     obj = FlowMatching() if objective == "flow" else create_diffusion("", learn_sigma=True)
     g = torch.Generator().manual_seed(0)
-    clips = sample(model, obj, (3, 1, 4, 16, 16), y=torch.tensor([0, 1, 2]), cfg_scale=2.0, steps=3,
+    clips = sample(model, obj, (3, 1, 4, 16, 16), y=torch.tensor([0, 1, 2]), guidance=CFG(2.0), steps=3,
                    generator=g, progress=False)
     assert clips.shape == (3, 1, 4, 16, 16) and torch.isfinite(clips).all()
 
@@ -248,7 +248,7 @@ def test_cli_trains_and_samples_a_gif(tmp_path, capsys):
     assert main(["train", "--data", "moving_mnist", "--steps", "2", "--batch-size", "4", "--out", str(run),
                  "frames=4", "image_size=16", "hidden_size=32", "depth=2", "num_heads=2", "patch_t=2",
                  "attention=windowed", 'model_args={"window": [1, 2, 2]}', 'data_args={"n_clips": 100}',
-                 "samples_per_class=1", "sample_steps=1", "precision=fp32"]) == 0
+                 "samples_per_class=1", "sample.steps=1", "precision=fp32"]) == 0
     assert (run / "samples.gif").is_file()
     assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "clip.gif"), "--class", "3", "7",
                  "--n-per-class", "1", "--steps", "2", "--frames", "6"]) == 0
@@ -276,18 +276,18 @@ def test_generated_clips_move_in_the_conditioned_direction(tmp_path):
     is about 25%. 8x8 patches (16 tokens per clip) at a constant lr 3e-3: with CFG 4, 100% for each of three
     noise seeds after these 2000 steps (about 100 s of training on the 2-core CPU); 25-40% after 1000
     steps at lr 1e-3 (the samples barely move yet). 4x4 patches at lr 1e-3 needed 7 minutes for 82%."""
-    from ditkit.pipeline import load_pipeline
+    from ditkit.pipeline import Pipeline
     from ditkit.train import build_config, train
 
     config = build_config(None, {"out": str(tmp_path / "run"), "data": "moving_mnist"}, [
         "image_size=16", "frames=4", 'data_args={"n_clips": 3000, "motion": "class", "speed": 2, "digit_size": 8}',
         "hidden_size=128", "depth=4", "num_heads=4", "patch_size=8", "steps=2000", "batch_size=32", "lr=3e-3",
         "min_lr_ratio=1.0", "warmup_steps=50", "precision=bf16", "save_every=100000", "samples_per_class=1",
-        "sample_steps=4"])
+        "sample.steps=4"])
     train(config, progress=False)
-    pipe = load_pipeline(config.out)
+    pipe = Pipeline.load(config.out)
     y = torch.arange(10).repeat(4)
-    clips = sample(pipe.model, pipe.objective, (40, 1, 4, 16, 16), y=y, cfg_scale=4.0, steps=20,
+    clips = sample(pipe.model, pipe.objective, (40, 1, 4, 16, 16), y=y, guidance=CFG(4.0), steps=20,
                    generator=torch.Generator().manual_seed(1), progress=False).float().clamp(-1, 1)
     com = centres_of_mass(clips)
     moved = com[:, -1] - com[:, 0]

@@ -1,5 +1,7 @@
-"""Training checkpoints: one directory per saved step, written whole into a temp directory and renamed,
-so a crash never leaves a half checkpoint; checksums catch files damaged afterwards.
+"""Checkpoint directories, written by the trainer and read by inference, the web page and resume alike: one
+directory per saved step, written whole into a temp directory and renamed, so a crash never leaves a half
+checkpoint; checksums catch files damaged afterwards. `resolve_checkpoint` is the one rule for which
+checkpoint of a run is used, `find_checkpoints` for which ones a reader may choose from.
 
     OUT/checkpoints/step_00001000/
         config.json              model constructor (DiT.from_pretrained reads it)
@@ -143,12 +145,27 @@ def save_checkpoint(
     return final
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first."""
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Every step directory of run OUT, oldest first, damaged ones included (the trainer skips and prunes
+    them); a half-written one (.step_*.tmp) is not listed."""
     folder = Path(out) / CHECKPOINTS
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint directory: a model's config and weights (a training step, or a saved or converted model)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def find_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """The checkpoints a reader can choose from at `path`, oldest first: a checkpoint directory is its own
+    list; a run directory lists its steps that hold a model (their checksums are verified when loaded)."""
+    if is_checkpoint(path):
+        return [Path(path)]
+    return [p for p in list_checkpoints(path) if is_checkpoint(p)]
 
 
 def verify(path: Path) -> None:
@@ -175,8 +192,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file():
         raise CheckpointError(f"{path} is a file: expected a run directory or a checkpoint directory")
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        # a training checkpoint always has checksums; a save_pretrained/convert directory may predate them
+    if is_checkpoint(path):
+        # a training checkpoint always has checksums; a directory written by save_pretrained or convert may not
         verify_files(path, [f for f in ("config.json", "run.json") if (path / f).exists()],
                      required=(path / "train_state.safetensors").exists())
         return path
@@ -206,6 +223,20 @@ def load_train_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} cannot be read: {err}") from None
     return tensors, meta
+
+
+def weights_file(path: Path, ema: bool = True) -> str:
+    """The weights file of checkpoint directory `path` to sample with: the EMA weights if asked for and
+    there (a converted model may hold only model.safetensors)."""
+    return "ema.safetensors" if ema and (Path(path) / "ema.safetensors").is_file() else "model.safetensors"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, run.json); CheckpointError if it does not parse."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
 
 
 def load_weights(path: Path, name: str) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Any
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         given["guide_model"] = Pipeline.load(args.guide_ckpt, device=pipe.device).model
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
     samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
-                            frames=args.frames, half=args.half, **{**preset, **given})
+                            frames=args.frames, **{**preset, **given})
     pipe.save(samples, args.out)
     print(f"sampling: {describe(samples.settings)}")
     print(f"wrote {len(samples.images)} samples to {args.out}")
@@ -99,17 +100,27 @@ EVAL_ROWS = (("classifier_heldout_accuracy", "classifier accuracy, held-out real
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ditkit.evaluate import evaluate, load_samples
+    from ditkit.evaluate import evaluate, evaluate_clips, load_samples
+    from ditkit.evaluate.video import clip_metrics_table
 
+    samples = args.samples or args.samples_file
+    if not samples:
+        raise ValueError("no samples given: ditkit eval FILE.npz (or --samples FILE.npz | DIR)")
     # folder samples are read at the classifier's size for the mnist reference, else at their own
     size = dict(image_size=32, channels=1) if args.reference == "mnist" else {}
-    images, labels = load_samples(args.samples, **size)
-    metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
-    if args.json:
-        print(json.dumps(metrics))
+    images, labels = load_samples(samples, **size)
+    if images.ndim == 5:  # clips (N, C, F, H, W) from a video run: per-frame metrics beside real clips'
+        metrics = evaluate_clips(images, labels, motion=args.motion, speed=args.speed, digit_size=args.digit_size)
+        print(json.dumps(metrics) if args.json else clip_metrics_table(metrics))
         return 0
-    print(f"{int(metrics['num_samples'])} samples from {args.samples}, reference {args.reference}")
-    print(f"{'metric':<36} {'value':>10}")
+    metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
+    print(json.dumps(metrics) if args.json else image_metrics_table(metrics, samples, args.reference))
+    return 0
+
+
+def image_metrics_table(metrics: dict[str, float], samples: str, reference: str) -> str:
+    lines = [f"{int(metrics['num_samples'])} samples from {samples}, reference {reference}",
+             f"{'metric':<36} {'value':>10}"]
     for key, name in EVAL_ROWS:
         if key not in metrics:
             continue
@@ -118,8 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             extra = f"   real-vs-real baseline (train vs held-out): {metrics['fd_classifier_real_baseline']:.4f}"
         elif key == "inception_score":
             extra = f"   (std {metrics['inception_score_std']:.3f})"
-        print(f"{name:<36} {metrics[key]:>10.4f}{extra}")
-    return 0
+        lines.append(f"{name:<36} {metrics[key]:>10.4f}{extra}")
+    return "\n".join(lines)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -139,9 +150,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     require("interop", "onnx", "onnxruntime", what="ditkit export")  # before loading anything
     from ditkit.interop.onnx import export_onnx, max_onnx_error
-    from ditkit.pipeline import load_pipeline
+    from ditkit.pipeline import Pipeline
 
-    model = load_pipeline(args.ckpt, ema=args.ema).model
+    model = Pipeline.load(args.ckpt, ema=args.ema).model
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path}: inputs x (N, {model.in_channels}, {model.input_size[0]}, {model.input_size[1]}) float32, "
           f"t (N,) float32, y (N,) int64; output (N, {model.out_channels}, ...); N dynamic")
@@ -167,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_MINUTES = 5.5  # + ~10 s of start-up, saving and the sample grid: under the 6 minutes promised
+DEMO_MINUTES = 5.5  # the training budget; start-up, saving and the sample grid come on top
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -177,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out, n = args.out, 1
     while not args.resume and os.path.exists(os.path.join(out, "checkpoints")):  # never overwrite a run
         out, n = f"{args.out}-{n}", n + 1
-    # the demo promises minutes on a laptop: a wall-clock cap guards slower machines (~4 min here)
+    # the demo promises minutes on a laptop: a wall-clock cap guards slower machines
     config = build_config(None, {"out": out, "minutes": DEMO_MINUTES}, args.assignments)
     start = time.perf_counter()
     result = train(config, resume=args.resume)
@@ -190,19 +201,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, measure.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _flag_group(*flags: tuple[str, dict[str, Any]]) -> argparse.ArgumentParser:
+    """A parent parser holding flags that several commands share, so each is defined once."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for name, options in flags:
+        parent.add_argument(name, **options)
+    return parent
 
-    p = sub.add_parser("flops", help="parameters and forward GFLOPs of every zoo model")
-    p.add_argument("--json", action="store_true", help="print one JSON object {name: {params, gflops}}")
-    p.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px SD-VAE latents)")
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("train", help="train a DiT (config file, flags, and key=value overrides)")
-    p.add_argument("--config", help="YAML or JSON file of TrainConfig keys (see configs/)")
+EMA = ("--ema", dict(action=argparse.BooleanOptionalAction, default=True,
+                     help="use the EMA weights (default; --no-ema: the raw model)"))
+CKPT = ("--ckpt", dict(required=True, help="run directory or checkpoint directory"))
+SAMPLING = (("--steps", dict(type=int, help="sampling steps (default: the run's)")),
+            ("--sampler", dict(help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs); default: the run's")),
+            ("--cfg", dict(type=float, help="classifier-free guidance scale (1 = none; default: the run's)")),
+            ("--seed", dict(type=int, default=0)))
+ASSIGNMENTS = ("assignments", dict(nargs="*", metavar="key=value",
+                                   help="any config key, e.g. lr=1e-4 or sample.steps=20 (see configs/)"))
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of config keys (see configs/)")
     p.add_argument("--data", help="mnist | patterns | a directory of images (one subfolder per class, or none) | "
                    "a latent cache from extract-latents")
     p.add_argument("--model", help="zoo name such as DiT-S/2, or custom (hidden_size=..., depth=...)")
@@ -224,58 +243,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", choices=["edges", "lowres"], help="train a structure-control branch on this "
                    "condition image; the --base model stays frozen")
     p.add_argument("--base", help="with --control: the base run (or checkpoint) directory")
-    p.add_argument("assignments", nargs="*", metavar="key=value", help="any TrainConfig field, e.g. lr=1e-4")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a grid (.png) or arrays for evaluation (.npz) from a run")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+
+def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels (default: all)")
     p.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
                    help="text-to-image runs: one or more prompts, one column each (default: 10 training captions)")
     p.add_argument("--n-per-class", type=int, help="samples per class (default 8; 1 with --paper)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
-    p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default: the run's)")
     p.add_argument("--cache", type=float, metavar="THRESHOLD", help="reuse the DiT blocks' output while the "
-                   "modulated input changed less than this (0..1; 0.05 about halves the demo's block evaluations)")
+                   "modulated input changed less than this (0..1; 0 = never)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast the model (guidance stays fp32; "
                    "default: bf16 for a run trained in bf16)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (needs a C++ compiler on the CPU)")
     p.add_argument("--guide-ckpt", help="autoguidance by this weaker run or checkpoint (EMA weights), e.g. an "
                    "early checkpoint of the same run, instead of the run's own guide (RUN/guide)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (images in [-1, 1], labels) or DIR/ "
                    "(one PNG per sample, in a subfolder per class); video models: FILE.gif or FILE.mp4 "
                    "(needs imageio-ffmpeg), a grid of clips")
     p.add_argument("--paper", action="store_true", help="the original DiT sample.py: 250 DDPM steps, CFG 4.0 on "
                    "3 channels (and its 8 ImageNet classes for a 1000-class model)")
     p.add_argument("--vae", help="diffusers AutoencoderKL directory that decodes latents (default: the run's)")
-    p.add_argument("--half", action="store_true", help="sample in float16 (autocast) on a CUDA GPU")
     p.add_argument("--frames", type=int, help="frames per clip, video models (default: the frames trained on)")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("convert", help="an original DiT checkpoint (.pt) -> a ditkit checkpoint directory")
+
+def add_edit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="input image (another size is centre-cropped and resized to "
+                   "the model's; a control run: it gives the condition)")
+    p.add_argument("--mask", help="inpainting mask of the image's size: white = regenerate, black = keep")
+    p.add_argument("--strength", type=float, help="0 = the input unchanged .. 1 = from pure noise "
+                   "(default: 1 with --mask or a control run, else 0.6)")
+    p.add_argument("--class", dest="class_", type=int, metavar="K", help="class label (default: unconditional)")
+    p.add_argument("--prompt", help="text prompt (text-to-image runs)")
+    p.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint jump length in steps")
+    p.add_argument("--jump-n-sample", type=int, default=1, help="inpainting: times each stretch is sampled")
+    p.add_argument("--n", type=int, default=1, help="how many edits of the image (one row)")
+    p.add_argument("--out", required=True, help="FILE.png: the edited image at its size (--n > 1: a row), or DIR/")
+    p.add_argument("--scale", type=int, default=1, help="enlarge each pixel of --out to SCALE x SCALE")
+
+
+def add_flops_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object {name: {params, gflops}}")
+    p.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px SD-VAE latents)")
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=1000)
+
+
+def add_convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-official", required=True, metavar="FILE.pt",
                    help="DiT-XL-2-256x256.pt / 512x512 from the authors' release, or a checkpoint of their train.py")
     p.add_argument("--out", required=True, help="new checkpoint directory (config.json, model.safetensors, run.json)")
     p.add_argument("--num-heads", type=int, help="attention heads, when the size matches no zoo model")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="training checkpoints: take the EMA weights (default) or --no-ema for the raw model")
     p.add_argument("--vae", help="diffusers AutoencoderKL directory to remember for decoding its samples")
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a run's model for deployment (ONNX, dynamic batch)")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", required=True, help="FILE.onnx")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
     p.add_argument("--opset", type=int, default=17)
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("extract-latents", help="encode an image folder once with a VAE into a latent cache for "
-                       "`train --data CACHE`")
+
+def add_extract_latents_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="directory of images (one subfolder per class, or none)")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: a local directory (or a hub id "
                    "where a network exists), e.g. stabilityai/sd-vae-ft-ema")
@@ -284,42 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--flip", action="store_true", help="also encode each image's mirror image")
     p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
-    p.set_defaults(func=cmd_extract_latents)
 
-    p = sub.add_parser("edit", help="edit an image with a run: image-to-image, inpainting, structure control")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory (a control run: the "
-                   "input image gives the condition)")
-    p.add_argument("--image", required=True, help="input image (another size is centre-cropped and resized to "
-                   "the model's)")
-    p.add_argument("--mask", help="inpainting mask of the image's size: white = regenerate, black = keep")
-    p.add_argument("--strength", type=float, help="0 = the input unchanged .. 1 = from pure noise "
-                   "(default: 1 with --mask or a control run, else 0.6)")
-    p.add_argument("--class", dest="class_", type=int, metavar="K", help="class label (default: unconditional)")
-    p.add_argument("--prompt", help="text prompt (text-to-image runs)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, with --class or --prompt (default: "
-                   "the run's)")
-    p.add_argument("--steps", type=int, help="sampling steps of the full schedule (default: the run's)")
-    p.add_argument("--sampler", help="ddpm | ddim (Gaussian runs); euler | heun | sde (flow runs); default: the run's")
-    p.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint jump length in steps")
-    p.add_argument("--jump-n-sample", type=int, default=1, help="inpainting: times each stretch is sampled")
-    p.add_argument("--n", type=int, default=1, help="how many edits of the image (one row)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="FILE.png: the edited image at its size (--n > 1: a row), or DIR/")
-    p.add_argument("--scale", type=int, default=1, help="enlarge each pixel of --out to SCALE x SCALE")
-    p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("eval", help="sample-quality metrics of an .npz of samples (FD, precision/recall, FID, IS)")
-    p.add_argument("--samples", required=True, help="FILE.npz with images (N, C, H, W) in [-1, 1] and optional "
-                   "labels, or a folder of images (DIR/<label>/*.png as `ditkit sample --out DIR/` writes, or "
-                   "DIR/*.png)")
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("samples_file", nargs="?", metavar="SAMPLES", help="FILE.npz with images (N, C, H, W) or "
+                   "clips (N, C, F, H, W) in [-1, 1] and optional labels, or a folder of images (DIR/<label>/*.png "
+                   "as `ditkit sample --out DIR/` writes, or DIR/*.png)")
+    p.add_argument("--samples", help="the same as SAMPLES")
+    p.add_argument("--motion", default="class", choices=("class", "label", "bounce"),
+                   help="clips: the moving-MNIST motion rule they follow")
+    p.add_argument("--speed", type=float, help="clips: pixels per frame (default image_size / 16, as moving MNIST)")
+    p.add_argument("--digit-size", type=int, help="clips: digit side in pixels (default 7/16 of the frame)")
     p.add_argument("--reference", default="mnist", help="mnist (default) | a directory of images | FILE.npz")
     p.add_argument("--inception-weights", help="pytorch-fid pt_inception state dict: adds Inception FID and IS")
     p.add_argument("--json", action="store_true", help="print one JSON object of every metric")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("serve", help="a local web page: sample and edit with runs, browse their loss curves, "
-                       "grids and checkpoints (needs ditkit[app])")
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--ckpt", help="one run directory (or checkpoint directory)")
     where.add_argument("--runs", help="a directory: every run under it")
@@ -327,13 +336,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--allow-remote", action="store_true", help="allow a --host reachable from other machines "
                    "(no login: anyone who reaches it can use it)")
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="the main job: train on MNIST-5k, then sample")
+
+def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("assignments", nargs="*", metavar="key=value", help="override any TrainConfig field")
-    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ema, run, sampling, assignments = (_flag_group(EMA), _flag_group(CKPT, EMA), _flag_group(*SAMPLING),
+                                       _flag_group(ASSIGNMENTS))
+    commands = (  # name, help, shared flags, the command's own flags, what runs it
+        ("flops", "parameters and forward GFLOPs of every zoo model", (), add_flops_flags, cmd_flops),
+        ("train", "train a DiT (config file, flags, and key=value overrides)", (assignments,), add_train_flags,
+         cmd_train),
+        ("sample", "sample a grid (.png) or arrays for evaluation (.npz) from a run", (run, sampling),
+         add_sample_flags, cmd_sample),
+        ("convert", "an original DiT checkpoint (.pt) -> a ditkit checkpoint directory", (ema,), add_convert_flags,
+         cmd_convert),
+        ("export", "export a run's model for deployment (ONNX, dynamic batch)", (run,), add_export_flags,
+         cmd_export),
+        ("extract-latents", "encode an image folder once with a VAE into a latent cache for `train --data CACHE`",
+         (), add_extract_latents_flags, cmd_extract_latents),
+        ("edit", "edit an image with a run: image-to-image, inpainting, structure control", (run, sampling),
+         add_edit_flags, cmd_edit),
+        ("eval", "sample-quality metrics of images (FD, precision/recall, FID, IS) or clips (per frame, motion)",
+         (), add_eval_flags, cmd_eval),
+        ("serve", "a local web page: sample and edit with runs, browse their loss curves, grids and checkpoints "
+         "(needs ditkit[app])", (), add_serve_flags, cmd_serve),
+        ("demo", "the main job: train on MNIST-5k, then sample", (assignments,), add_demo_flags, cmd_demo),
+    )
+    parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, measure.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text, parents, add_flags, func in commands:
+        p = sub.add_parser(name, help=text, parents=list(parents))
+        add_flags(p)
+        p.set_defaults(func=func)
     return parser
 
 

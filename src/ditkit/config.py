@@ -1,16 +1,18 @@
 """The training configuration: one dataclass per concern (data, the model of each kind, objective,
 optimisation, output, sampling), joined into `TrainConfig`; loadable from YAML/JSON and `key=value`.
 
-Every field keeps its flat name (`c.hidden_size`, `hidden_size=256`), so config files stay flat. The one
-nested section is `sample`: its fields are the keyword arguments of `ditkit.sample()` and are passed
-to it as they are (the run's sample grid, and `Pipeline.generate` when an argument is None). Its old flat
-names still work: `sampler`, `sample_steps` (-> sample.steps), `cfg_scale`, and `sample.NAME=...`.
+Every field but the sampling ones has a flat name (`c.hidden_size`, `hidden_size=256`). The one nested
+section is `sample`: its fields are the keyword arguments of `ditkit.sample()` and are passed to it as they
+are (the run's sample grid, and `Pipeline.generate` when an argument is None). A file writes it as a
+`sample:` mapping, `key=value` as `sample.steps=20`; a sampling key at the top level is an error that names
+the nested key.
 
 Fields made with `identity(...)` define the run: resuming refuses to change them.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -47,8 +49,8 @@ class ModelConfig:
     patch_size: int = identity(4)
     mlp_ratio: float = identity(4.0)
     block: str = identity("adaln_zero")
-    mlp: str = identity("gelu_erf")     # custom only: gelu (the paper's tanh form) | gelu_erf (exact, ~10% faster
-                                        # steps on a CPU in bf16) | swiglu; zoo models keep the paper's unless
+    mlp: str = identity("gelu_erf")     # custom only: gelu (the paper's tanh form) | gelu_erf (the exact erf
+                                        # form, cheaper on a CPU) | swiglu; zoo models keep the paper's unless
                                         # model_args says otherwise
     class_dropout_prob: float = identity(0.1)
     model_args: dict[str, Any] = identity(default_factory=dict)
@@ -81,26 +83,29 @@ class TextConfig:
 
 @dataclass
 class ObjectiveConfig:
-    objective: str = identity("flow")            # "flow" (rectified flow), "ddpm" (Gaussian, learned sigma) or
-    #                                              "meanflow" (one-step; base= fine-tunes a flow run)
+    objective: str = identity("flow")            # "flow" (rectified flow), "ddpm" (Gaussian, learned sigma),
+    #                                              "meanflow" (one-step, the JVP identity; base= starts from a flow
+    #                                              run) or "distill" (one-step, the base flow run's trajectories)
     timestep_sampling: str = identity("logit_normal")  # flow only: "uniform" | "logit_normal"
     velocity_cosine_weight: float = identity(0.0)  # flow only: weight of the 1 - cos(v, target) loss term
-    flow_time_scale: float = identity(FLOW_TIME_SCALE)  # flow/meanflow: the model is fed t x this; 1000 is
+    flow_time_scale: float = identity(FLOW_TIME_SCALE)  # flow/meanflow/distill: the model is fed t x this; 1000 is
     #                                              DiT's step range, 10 keeps it smooth in t, as MeanFlow's JVP needs
     meanflow_unequal: float = identity(0.25)     # meanflow: share of training pairs with r < t (the rest r = t)
     meanflow_cfg: float = identity(1.0)          # meanflow: guidance folded into the target (sample with cfg 1)
-    meanflow_cfg_mix: float = identity(0.0)      # meanflow: the paper's kappa (conditional part of the target)
     meanflow_adaptive_p: float = identity(1.0)   # meanflow: loss weight 1 / (|delta|^2 + 1e-3)^p; 0: plain MSE
-    meanflow_interval_scale: float = identity(0.01)  # meanflow: the interval embedder sees (t - r) x flow_time_scale
+    meanflow_interval_scale: float = identity(0.01)  # meanflow/distill: the interval embedder sees (t - r) x
+    #                                              flow_time_scale
     #                                              x this: smooth in t - r, so the JVP's du/dt stays small
     meanflow_teacher: bool = identity(False)     # meanflow with base=: the base's own (guided) velocity is the
     #                                              target's v instead of noise - x0 (same mean, far less variance)
     meanflow_cfg_interval: tuple[float, float] | None = identity(None)  # meanflow: the times (lo, hi) where
     #                                              meanflow_cfg applies (None: all; outside it w = 1)
-    meanflow_trajectories: int = identity(0)     # meanflow with the teacher: its guided ODE solved from this many
-    #                                              noises before training (inside `minutes`), a share of each batch
-    meanflow_trajectory_share: float = identity(0.5)  # regressing their average velocities directly (no JVP)
-    meanflow_trajectory_steps: int = identity(8)  # Heun steps of those ODE solves
+    distill_trajectories: int = identity(2048)   # distill: the base run's guided ODE solved from this many noises
+    #                                              before training (inside `minutes`)
+    distill_heun_steps: int = identity(8)        # distill: Heun steps of each of those solves
+    distill_cfg: float = identity(1.0)           # distill: the base run's CFG scale in those solves
+    distill_cfg_interval: tuple[float, float] | None = identity(None)  # distill: the times (lo, hi) where
+    #                                              distill_cfg applies (None: all; outside it w = 1)
 
 
 @dataclass
@@ -108,8 +113,8 @@ class OptimConfig:
     steps: int = 2600                   # a resumed run may be extended (a cosine is stretched to the new total)
     minutes: float | None = None        # wall-clock budget; training stops at whichever comes first, and a
                                         # decaying lr is fitted to end with the budget (trainer.fit_schedule)
-    batch_size: int = identity(32)      # global batch (split across processes); 64 before issue 14
-    lr: float = identity(3.5e-3)        # 2e-3 (batch 64, cosine) before issue 14 (benchmarks/recipe_ablation.py)
+    batch_size: int = identity(32)      # global batch (split across processes)
+    lr: float = identity(3.5e-3)        # peak, after warm-up (benchmarks/recipe_ablation.py compares recipes)
     weight_decay: float = identity(0.0)
     warmup_steps: int = identity(200)
     min_lr_ratio: float = identity(0.1)  # cosine decays to lr * min_lr_ratio (1: constant after warm-up); with
@@ -143,13 +148,13 @@ class SampleConfig:
     `ditkit.sample()`'s keywords and every field is passed to it: a new sampling option is one field here."""
     sampler: str | None = None          # None: "heun" for flow, "ddpm" for Gaussian
     steps: int | None = 20              # None: the sampler's default
-    cfg_scale: float = 2.5              # 4 everywhere before issue 14 (benchmarks/recipe_ablation.py)
+    cfg_scale: float = 2.5              # classifier-free guidance scale (1: none)
     cfg_interval: tuple[float, float] | None = (0.0, 0.75)  # (lo, hi) of the trajectory where guidance applies
                                         # (1 = noise): none at the noisiest quarter keeps diversity
     guide_scale: float | None = None    # autoguidance weight on top of CFG, by the guide model (None: none)
     guide_unconditional: bool = False   # call the guide model with the null label
     shift: float | None = 1.5           # time shift of the step grid (None: plain grid; 1.5: more steps at high
-                                        # noise, a lower FD at the same accuracy, issue 14)
+                                        # noise, a lower FD at the same accuracy)
     apg_eta: float | None = None        # adaptive projected guidance: parallel weight (None: plain CFG)
     apg_norm: float | None = None       # APG norm cap
     apg_momentum: float = 0.0           # APG reverse momentum
@@ -176,9 +181,8 @@ class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, Contro
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """A config from saved or loaded values (run.json's train_config, old flat sampling keys included),
-        type-checked and validated."""
-        return build_config(values=with_old_defaults(values), source=source)
+        """A config from saved or loaded values (e.g. run.json's train_config), type-checked and validated."""
+        return build_config(values=values, source=source)
 
     @staticmethod
     def identity_keys() -> tuple[str, ...]:
@@ -186,32 +190,13 @@ class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, Contro
         return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity"))
 
 
-def with_old_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's config values, with the value each field had before it existed: a run saved without
-    `mlp` had the paper's tanh GELU in its custom DiT, one without `cfg_interval` guided every step, one
-    without `shift` sampled on the plain grid, a MeanFlow run without `meanflow_interval_scale` embedded
-    t - r as t."""
-    old = {"mlp": "gelu", "cfg_interval": None, "shift": None, "meanflow_interval_scale": 1.0}
-    return {**old, **saved}  # the saved values (sample section too) win
-
-
 def _fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def sample_aliases() -> dict[str, str]:
-    """Flat config names of the sample section: its field name, or sample_NAME where NAME is taken
-    (`steps` is the training steps, so the sampling steps are `sample_steps`)."""
-    top = _fields()
-    return {(f"sample_{name}" if name in top else name): name for name in _fields(SampleConfig)}
-
-
-def _sample_key(key: str) -> str | None:
-    """The sample-section field a flat key names: an alias above, or sample_NAME for any field."""
-    if key in sample_aliases():
-        return sample_aliases()[key]
-    name = key[len("sample_"):] if key.startswith("sample_") else None
-    return name if name in _fields(SampleConfig) else None
+def config_keys() -> list[str]:
+    """Every key a config may set: the top-level fields, then the sampling section's as sample.NAME."""
+    return [n for n in _fields() if n != "sample"] + [f"sample.{n}" for n in _fields(SampleConfig)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,8 +277,6 @@ def _place(key: str) -> tuple[str, str] | None:
     key = key.strip().replace("-", "_")
     if key.startswith("sample.") and key[len("sample."):] in _fields(SampleConfig):
         return "sample", key[len("sample."):]
-    if _sample_key(key) is not None:
-        return "sample", _sample_key(key)
     if key in _fields() and key != "sample":
         return "top", key
     return None
@@ -307,6 +290,9 @@ def _merge(target: dict[str, Any], section: dict[str, Any], values: dict[str, An
         if key == "sample" and isinstance(value, dict) and not text:
             _merge(target, section, {f"sample.{k}": v for k, v in value.items()}, source)
             continue
+        if key == "sample":
+            raise ValueError(f"{source + ': ' if source else ''}sample is the sampling section: a mapping in a "
+                             f"file (sample: {{steps: 20}}), or one key at a time: sample.steps=20")
         place = _place(key)
         if place is None:
             unknown.append(key)
@@ -319,7 +305,7 @@ def _merge(target: dict[str, Any], section: dict[str, Any], values: dict[str, An
             raise ValueError(f"{source}: {err}" if source else str(err)) from None
         (section if where == "sample" else target)[name] = typed
     if unknown:
-        raise ValueError(unknown_keys_message(unknown))
+        raise ValueError(f"{source + ': ' if source else ''}{unknown_keys_message(unknown)}")
 
 
 def read_config_file(config_file: str | Path) -> dict[str, Any]:
@@ -355,7 +341,7 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     flags; None = not given, 0 and False are values) <- `key=value` strings. Every value is type-checked."""
     top: dict[str, Any] = {}
     section: dict[str, Any] = {}
-    _merge(top, section, values or {}, source)
+    _merge(top, section, saved_one_step_keys(values or {}), source)
     if config_file:
         loaded = read_config_file(config_file)
         if is_config_file(loaded.get("base")):  # a config file names another as an include does: from its folder
@@ -374,7 +360,8 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     return config
 
 
-BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the MeanFlow run's directory
+BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the one-step run's directory
+ONE_STEP = ("meanflow", "distill")  # the objectives of a two-time (average-velocity) model, sampled in one step
 
 
 def is_config_file(path: str | None) -> bool:
@@ -396,31 +383,86 @@ def resume_config(config_file: str | None = None, overrides: dict[str, Any] | No
     if found is None:
         raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {out}/{ckpt.CHECKPOINTS}")
     saved = json.loads((found / "run.json").read_text())["train_config"]
-    return build_config(config_file, {**(overrides or {}), "out": out}, assignments, values=with_old_defaults(saved),
+    return build_config(config_file, {**(overrides or {}), "out": out}, assignments, values=saved,
                         source=str(found / "run.json"))
 
 
+def suggest_key(key: str) -> str | None:
+    """The key a wrong one probably meant: the nested name of a sampling key given at the top level
+    (`cfg_scale` or `sample_cfg_scale` -> sample.cfg_scale), else the closest key by spelling, else None."""
+    bare = key[len("sample_"):] if key.startswith("sample_") else key
+    if bare in _fields(SampleConfig):
+        return f"sample.{bare}"
+    if key.startswith("sample."):  # spelt against the section's names only, not the shared prefix
+        close = difflib.get_close_matches(key[len("sample."):], list(_fields(SampleConfig)), n=1, cutoff=0.6)
+        return f"sample.{close[0]}" if close else None
+    close = difflib.get_close_matches(key, config_keys(), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def unknown_keys_message(keys: list[str]) -> str:
-    names = [n for n in _fields() if n != "sample"] + list(sample_aliases())
-    return f"unknown config key(s) {', '.join(map(repr, keys))}; the keys are: {', '.join(dict.fromkeys(names))}"
+    """One line naming each unknown key with its likely meaning; the full list only when a key has none."""
+    hints = {key: suggest_key(key) for key in keys}
+    if len(keys) == 1 and hints[keys[0]]:
+        return f"unknown config key {keys[0]!r}: did you mean {hints[keys[0]]}?"
+    named = ", ".join(f"{key!r} (did you mean {hint}?)" if hint else repr(key) for key, hint in hints.items())
+    text = f"unknown config key{'s' if len(keys) > 1 else ''} {named}"
+    if None in hints.values():
+        text += f"; the keys are: {', '.join(config_keys())}"
+    return text
 
 
-def validate_meanflow(c: TrainConfig) -> None:
-    """The meanflow_* settings that need another one."""
+def validate_one_step(c: TrainConfig) -> None:
+    """The meanflow_* and distill_* settings that need another one."""
     if c.meanflow_teacher and (c.objective != "meanflow" or c.base is None):
         raise ValueError("meanflow_teacher=true takes its velocity from the base run: it needs objective=meanflow "
                          "and base=RUN_DIR (or a flow config file)")
-    if c.meanflow_teacher and c.meanflow_cfg_mix > 0:
-        raise ValueError("meanflow_cfg_mix mixes the model's own predictions into the target, which "
-                         "meanflow_teacher=true replaces with the teacher's: set meanflow_cfg_mix=0")
-    if c.meanflow_trajectories < 0 or c.meanflow_trajectory_steps < 1:
-        raise ValueError(f"meanflow_trajectories must be >= 0 and meanflow_trajectory_steps >= 1, got "
-                         f"{c.meanflow_trajectories}, {c.meanflow_trajectory_steps}")
-    if c.meanflow_trajectories and not c.meanflow_teacher:
-        raise ValueError("meanflow_trajectories are the teacher's ODE solutions: set meanflow_teacher=true too")
-    if not 0 < c.meanflow_trajectory_share <= 1:
-        raise ValueError(f"meanflow_trajectory_share must be in (0, 1], got {c.meanflow_trajectory_share}")
     check_interval("meanflow_cfg_interval", c.meanflow_cfg_interval)
+    check_interval("distill_cfg_interval", c.distill_cfg_interval)
+    if c.meanflow_cfg < 1 or c.distill_cfg < 1:
+        raise ValueError(f"meanflow_cfg and distill_cfg must be >= 1 (1: no guidance), got {c.meanflow_cfg}, "
+                         f"{c.distill_cfg}")
+    if c.objective != "distill":
+        return
+    if c.base is None:
+        raise ValueError("objective=distill distils a flow run's trajectories: set base=RUN_DIR (a flow run) or "
+                         "base=CONFIG_FILE (a flow config, trained first)")
+    if c.distill_trajectories < 1 or c.distill_heun_steps < 1:
+        raise ValueError(f"distill_trajectories and distill_heun_steps must be >= 1, got "
+                         f"{c.distill_trajectories}, {c.distill_heun_steps}")
+    if c.distill_cfg > 1 and (c.class_dropout_prob == 0 or c.unconditional):
+        raise ValueError(f"distill_cfg={c.distill_cfg:g} guides the base run with its null label, which a model "
+                         f"trained with class_dropout_prob=0 or unconditional=true lacks: set distill_cfg=1")
+
+
+REMOVED_ONE_STEP_KEYS = ("meanflow_cfg_mix", "meanflow_trajectories", "meanflow_trajectory_share",
+                         "meanflow_trajectory_steps")
+
+
+def saved_one_step_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config values in today's one-step keys. A MeanFlow run that regressed its teacher's
+    trajectories on every row (meanflow_trajectories K > 0, meanflow_trajectory_share 1) is the distill
+    objective: distill_trajectories K, distill_heun_steps = meanflow_trajectory_steps, and the teacher's
+    guidance meanflow_cfg / meanflow_cfg_interval as distill_cfg / distill_cfg_interval. Other runs drop those
+    keys at their neutral values; a saved value that no objective trains with is refused by name."""
+    if not any(k in saved for k in REMOVED_ONE_STEP_KEYS):
+        return saved
+    values = {k: v for k, v in saved.items() if k not in REMOVED_ONE_STEP_KEYS}
+    if saved.get("meanflow_cfg_mix", 0.0) != 0.0:
+        raise ValueError(f"this run was trained with meanflow_cfg_mix={saved['meanflow_cfg_mix']}, a MeanFlow "
+                         f"option ditkit does not train with: sample it (Pipeline.load), or train a new run")
+    if saved.get("objective") != "meanflow" or not saved.get("meanflow_trajectories"):
+        return values
+    share = saved.get("meanflow_trajectory_share", 0.5)
+    if share != 1.0 or saved.get("meanflow_adaptive_p", 1.0) != 1.0:
+        raise ValueError(f"this run mixed MeanFlow's identity with trajectory distillation (meanflow_trajectory_share"
+                         f"={share}, meanflow_adaptive_p={saved.get('meanflow_adaptive_p', 1.0)}), which no "
+                         f"objective trains: sample it (Pipeline.load), or train a new run with objective=distill")
+    guidance = {"distill_cfg": values.pop("meanflow_cfg", 1.0),
+                "distill_cfg_interval": values.pop("meanflow_cfg_interval", None)}
+    values.update(objective="distill", distill_trajectories=saved["meanflow_trajectories"],
+                  distill_heun_steps=saved.get("meanflow_trajectory_steps", 8), meanflow_teacher=False, **guidance)
+    return values
 
 
 def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
@@ -431,7 +473,7 @@ def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
 
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
-    choices = {"objective": ("flow", "ddpm", "meanflow"), "precision": ("fp32", "bf16", "fp16"),
+    choices = {"objective": ("flow", "ddpm", *ONE_STEP), "precision": ("fp32", "bf16", "fp16"),
                "timestep_sampling": ("uniform", "logit_normal"),
                "attention": ("full", "factorized", "windowed"), "mlp": MLPS}
     for key, allowed in choices.items():
@@ -442,39 +484,41 @@ def validate(c: TrainConfig) -> None:
         if getattr(c, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
     if c.sample.steps is not None and c.sample.steps < 1:
-        raise ValueError(f"sample_steps must be >= 1, got {c.sample.steps}")
+        raise ValueError(f"sample.steps must be >= 1, got {c.sample.steps}")
     for key in ("minutes", "base_minutes", "lr", "flow_time_scale", "meanflow_interval_scale"):
         if getattr(c, key) is not None and getattr(c, key) <= 0:
             raise ValueError(f"{key} must be > 0, got {getattr(c, key)}")
     if c.flow_time_scale != FLOW_TIME_SCALE and c.objective == "ddpm":
-        raise ValueError("flow_time_scale is for objective=flow or meanflow (ddpm's model sees its step number)")
+        raise ValueError("flow_time_scale is for objective=flow, meanflow or distill (ddpm's model sees its step "
+                         "number)")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.text_model not in ("mmdit", "pixart"):
         raise ValueError(f"text_model must be mmdit or pixart, got {c.text_model!r}")
     if is_config_file(c.base):
-        if c.objective != "meanflow" or c.control is not None:
-            raise ValueError(f"base={c.base} is a config file: only objective=meanflow trains a base run first; "
-                             f"give a run directory instead")
+        if c.objective not in ONE_STEP or c.control is not None:
+            raise ValueError(f"base={c.base} is a config file: only objective=meanflow or distill trains a base "
+                             f"run first; give a run directory instead")
         if not Path(c.base).is_file():
             raise FileNotFoundError(f"base={c.base}: config file not found (a path from the current directory)")
     elif c.base_minutes is not None and c.base is None:
         raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
-    validate_meanflow(c)
-    if c.control is None and c.base is not None and c.objective != "meanflow":
-        raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow (fine-tuning)")
+    validate_one_step(c)
+    if c.control is None and c.base is not None and c.objective not in ONE_STEP:
+        raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow or distill (a "
+                         "one-step model from a flow run)")
     if c.control is not None and c.base is None:
         raise ValueError("control training needs both control=edges|lowres and base=RUN_DIR (the frozen model)")
-    check_interval("sample_cfg_interval", c.sample.cfg_interval)
+    check_interval("sample.cfg_interval", c.sample.cfg_interval)
     for key in ("shift", "apg_norm"):
         if getattr(c.sample, key) is not None and getattr(c.sample, key) <= 0:
-            raise ValueError(f"sample_{key} must be > 0, got {getattr(c.sample, key)}")
+            raise ValueError(f"sample.{key} must be > 0, got {getattr(c.sample, key)}")
     if c.sample_guide_step is not None and c.sample_guide_step < 1:
         raise ValueError(f"sample_guide_step must be >= 1 (or none), got {c.sample_guide_step}")
     if c.sample.cache is not None and not 0 <= c.sample.cache <= 1:
-        raise ValueError(f"sample_cache must be in [0, 1] (0: never reuse), got {c.sample.cache}")
+        raise ValueError(f"sample.cache must be in [0, 1] (0: never reuse), got {c.sample.cache}")
     if c.sample.precision not in (None, "fp32", "bf16", "fp16"):
-        raise ValueError(f"sample_precision must be fp32, bf16 or fp16, got {c.sample.precision!r}")
+        raise ValueError(f"sample.precision must be fp32, bf16 or fp16, got {c.sample.precision!r}")
     if c.control is not None:
         check_condition(c.control)
         if c.fsdp:

@@ -6,13 +6,13 @@ run does", and every recorded sampling option is passed through to `ditkit.sampl
     samples = pipe.generate(classes=[3, 7], n_per_class=4)      # the run's sampler, steps and CFG
     pipe.save(samples, "grid.png")
 
+What differs between image, video, text and control runs lives in one small class per kind (ditkit.kinds).
 Importing this module imports no training code.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,26 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditkit.data.conditions import make_condition
 from ditkit.data.latents import load_latent_space
 from ditkit.diffusion import FLOW_TIME_SCALE, GaussianDiffusion, build_objective
-from ditkit.sampling.editing import DEFAULT_STRENGTH, edit, read_image, read_mask
-from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
+from ditkit.sampling.editing import edit, read_image, read_mask
 from ditkit.io import atomic_path, check_writable
+from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
+from ditkit.kinds import ImageRun, kind_of, load_guide, saved_kind
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
-from ditkit.models.control import ControlBranch, ControlDiT
+from ditkit.models.control import ControlDiT
 from ditkit.text.prompts import PromptTable
-from ditkit.sampling import sample, sampling_schedule
+from ditkit.sampling import GUIDANCE_SETTINGS, guidance_from_settings, sample, sampling_schedule
 from ditkit import checkpoint as ckpt
 
 Preview = Callable[[int, int, Tensor], None]  # (step, total, x0 prediction as images in [-1, 1] on the CPU)
 # generate()'s argument names that differ from sample()'s keywords (the config's `sample` section uses sample()'s)
 ARGUMENT_NAMES = {"cfg_scale": "cfg"}
 FALLBACK_SETTINGS = {"sampler": None, "steps": None, "cfg": 1.5, "cfg_interval": None}  # runs that recorded none
-PAPER_PRESET = {"sampler": "ddpm", "steps": 250, "cfg": 4.0, "guided_channels": 3}  # the original sample.py
-PAPER_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # its 8 ImageNet classes
-GUIDE_DIR = "guide"  # a run's autoguidance model (its EMA weights at sample_guide_step), beside checkpoints/
-OUTPUTS = ".png (an image, or a grid), .npz (arrays), DIR/ (one PNG per sample), .gif or .mp4 (video)"
+PAPER_PRESET = {ARGUMENT_NAMES.get(k, k): v for k, v in PAPER_SAMPLING.items()}  # the original sample.py
 
 
 class Cancelled(Exception):
@@ -77,33 +74,25 @@ class Pipeline:
         available; `vae` overrides the VAE the run recorded (latent runs, converted original checkpoints)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = ckpt.resolve_checkpoint(path)
-        weights = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
-        info = _read_json(path / "run.json") if (path / "run.json").is_file() else {"objective": "ddpm"}
-        model_type = _read_json(path / "config.json").get("model_type")
-        if model_type == ControlBranch.__name__:
-            model = _load_control(path, weights, info, device)
-        else:
-            classes = {c.__name__: c for c in (VideoDiT, MMDiT, PixArtDiT)}
-            model = classes.get(model_type, DiT).from_pretrained(path, weights_name=weights).to(device).eval()
+        info = ckpt.read_json(path / "run.json") if (path / "run.json").is_file() else {"objective": "ddpm"}
+        model_type = ckpt.read_json(path / "config.json").get("model_type")
+        kind = saved_kind(model_type)
+        model = kind.load_model(path, ckpt.weights_file(path, ema), model_type, info, device)
         config = info.get("train_config", {})
         objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"),
                                     time_scale=config.get("flow_time_scale", FLOW_TIME_SCALE))
-        guide = load_guide(path.parent.parent, device) if type(model) is DiT else None
         return cls(model=model, objective=objective, info=info, vae=vae or info.get("vae"), device=device,
-                   guide=guide)
+                   guide=load_guide(path.parent.parent, device) if kind.guided else None)
 
     @property
     def kind(self) -> str:
         """"image" | "video" | "text" | "control"."""
-        if isinstance(self.model, ControlDiT):
-            return "control"
-        if isinstance(self.model, VideoDiT):
-            return "video"
-        return "text" if self.is_text_model else "image"
+        return self._kind.name
 
     @property
-    def is_text_model(self) -> bool:
-        return isinstance(self.model, (MMDiT, PixArtDiT))
+    def _kind(self) -> ImageRun:
+        """What this kind of run does its own way (ditkit.kinds)."""
+        return kind_of(self.model)
 
     @property
     def num_classes(self) -> int:
@@ -138,11 +127,7 @@ class Pipeline:
     def defaults(self) -> dict[str, Any]:
         """The run's own sampling settings (generate()'s names: sampler, steps, cfg, cfg_interval, and any
         further `ditkit.sample()` option the run recorded)."""
-        recorded = self.info.get("sampling") or self.info.get("train_config", {}).get("sample")
-        if recorded is None:  # runs written before the `sample` section: flat keys
-            config = self.info.get("train_config", {})
-            old = {"sampler": "sampler", "sample_steps": "steps", "cfg_scale": "cfg_scale"}
-            recorded = {new: config[key] for key, new in old.items() if key in config}
+        recorded = self.info.get("train_config", {}).get("sample") or {}  # none: a converted checkpoint
         settings = dict(FALLBACK_SETTINGS)
         settings.update({ARGUMENT_NAMES.get(k, k): v for k, v in recorded.items()})
         if "precision" in recorded and recorded["precision"] is None:  # as trained: bf16 inference for bf16 runs
@@ -188,25 +173,15 @@ class Pipeline:
         training captions), one seeded generator; None settings are the run's. `half`: float16 autocast
         (CUDA). `condition` (control runs): one image per column (K, C, H, W) in [-1, 1] whose structure
         the samples follow. `options`: further `ditkit.sample()` keywords (e.g. guided_channels)."""
-        if self.kind == "control" and condition is None:
-            raise ValueError("this is a control run: it samples from a condition image, use edit(image) "
-                             "(ditkit edit --ckpt RUN --image IMAGE --out OUT.png)")
         if n_per_class < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
         if half and self.device.type != "cuda":
             raise ValueError("half precision samples in float16 on a CUDA GPU, and none is available")
-        model, columns = self._columns(classes, prompts)
-        if condition is not None:
-            if self.kind != "control" or len(condition) != len(columns):
-                raise ValueError(f"condition images are for control runs, one per class ({len(columns)})")
-            cond = make_condition(self.model.condition, condition.to(self.device))
-            model = self.model.bind(cond.repeat(n_per_class, *([1] * (cond.ndim - 1))))
-        if frames is not None and (self.kind != "video" or frames < 1):
-            raise ValueError(f"frames applies to video runs only (this is an {self.kind} run)"
-                             if self.kind != "video" else f"frames must be >= 1, got {frames}")
+        model, columns = self._kind.columns(self, classes, prompts)
+        model = self._kind.conditioned(self, model, condition, len(columns), n_per_class)
+        clip = self._kind.clip(self, frames)  # clips are (N, C, F, H, W)
         s = self.settings(sampler=sampler, steps=steps, cfg=cfg, cfg_interval=cfg_interval, **options)
         y = torch.tensor(columns, device=self.device).repeat(n_per_class)
-        clip = [frames or self.model.num_frames] if self.kind == "video" else []  # clips are (N, C, F, H, W)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
             raw = sample(model, self.objective, (len(y), self.channels, *clip, *self.image_size), y=y,
@@ -214,25 +189,6 @@ class Pipeline:
                          **self.sample_kwargs(s))
         images = raw.float().cpu() if self.latents_only else self.decode(raw).cpu()
         return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only)
-
-    def _columns(self, classes: list[int] | None, prompts: list[str] | None) -> tuple[Any, list[int]]:
-        """The model to sample (a text model behind its prompts) and the label of each grid column."""
-        if prompts is not None or self.is_text_model:  # prompts act as class labels 0..P-1
-            if classes is not None:
-                raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
-            if not prompts:
-                prompts = [self.class_names[i] for i in shown_classes(len(self.class_names))]
-            return self.with_prompts(prompts), list(range(len(prompts)))
-        K = self.num_classes
-        if not self.conditional:
-            if classes is not None and list(classes) != [0]:
-                raise ValueError(f"class {list(classes)}: this run is unconditional (it has no classes)")
-            return self.model, [0]
-        classes = list(range(K)) if classes is None else list(classes)
-        bad = [k for k in classes if not 0 <= k < K]
-        if bad or not classes:
-            raise ValueError(f"--class {bad} out of range: this model has classes 0..{K - 1}")
-        return self.model, classes
 
     # ---- edit ----------------------------------------------------------------------------------
     def edit(self, image: str | os.PathLike | Tensor, mask: str | os.PathLike | Tensor | None = None,
@@ -243,7 +199,7 @@ class Pipeline:
         """`n` edits of one image (a file, or (C, H, W) / (1, C, H, W) in [-1, 1]): image-to-image
         (SDEdit), inpainting where `mask` is white (RePaint), or, on a control run, the image's structure.
         An image of another size is centre-cropped to the model's aspect ratio and resized (noted)."""
-        if self.kind == "video" or self.vae is not None or self.info.get("latent", False):
+        if not self._kind.edits or self.vae is not None or self.info.get("latent", False):
             raise ValueError("this is a latent or video run: editing works on pixel-space image runs only")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -252,34 +208,17 @@ class Pipeline:
         image = image.to(self.device).repeat(n, 1, 1, 1)
         if mask is not None:
             mask = self._fit_mask(read_mask(mask) if not isinstance(mask, Tensor) else mask, notes).to(self.device)
-        model, y = self._edit_condition(class_label, prompt, n)
-        if self.kind == "control":  # the structure comes from the input image
-            model = model.bind(make_condition(model.condition, image))
-        if strength is None:
-            strength = 1.0 if mask is not None or self.kind == "control" else DEFAULT_STRENGTH
+        model, y = self._kind.edit_condition(self, class_label, prompt, n, image)
+        default_strength, what = self._kind.edit_style(self, mask is not None)
+        strength = default_strength if strength is None else strength
         s = self.settings(sampler=sampler, steps=steps, cfg=cfg if y is not None else 1.0)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out = edit(model, self.objective, image, mask, strength, generator=generator, progress=progress,
                    jump_length=jump_length, jump_n_sample=jump_n_sample, y=y,
                    callback=self._previews(callback), **self.sample_kwargs(s))
-        what = ("inpainted" if mask is not None else
-                f"{self.model.condition}-controlled" if self.kind == "control" else "edited")
         labels = y.cpu() if y is not None else torch.full((n,), self.num_classes)
         settings = {**s, "strength": strength, "seed": seed, "what": what}
         return Samples(out.float().clamp(-1, 1).cpu(), labels, n, settings, notes=notes)
-
-    def _edit_condition(self, class_label: int | None, prompt: str | None, n: int) -> tuple[Any, Tensor | None]:
-        if prompt is not None or self.is_text_model:  # the prompt acts as class label 0
-            if class_label is not None or prompt is None:
-                raise ValueError("a text-to-image run takes --prompt TEXT, a class-conditional one --class K")
-            return self.with_prompts([prompt]), torch.zeros(n, dtype=torch.long, device=self.device)
-        if class_label is None:
-            return self.model, None
-        if not self.conditional:
-            raise ValueError(f"--class {class_label}: this run is unconditional (it has no classes)")
-        if not 0 <= class_label < self.num_classes:
-            raise ValueError(f"--class {class_label}: this model has classes 0..{self.num_classes - 1}")
-        return self.model, torch.full((n,), class_label, device=self.device)
 
     def _fit_image(self, image: Tensor, notes: list[str]) -> Tensor:
         """(1, C, H, W) at the model's channels and size: grey <-> colour converted, another size
@@ -325,19 +264,11 @@ class Pipeline:
         check_writable(path, folder=folder)  # a file in the way or a read-only place fails now, not after sampling
         if path.endswith(".npz"):
             return
-        video = self.kind == "video"
-        if video != clip:
-            raise ValueError(f"this run holds {'a video' if video else 'an image'} model: write its samples to "
-                             f"{'.gif, .mp4' if video else '.png, a folder/'} or .npz, not {path}")
+        self._kind.check_output(path)
         if self.latents_only:
             raise ValueError(f"this model samples {self.channels}-channel latents: pass a VAE (--vae DIR, the "
                              "diffusers AutoencoderKL its latents come from, e.g. a local copy of "
                              "stabilityai/sd-vae-ft-ema), or write the raw latents to FILE.npz")
-        if path.endswith(".mp4"):
-            import importlib.util
-
-            if importlib.util.find_spec("imageio_ffmpeg") is None:
-                raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing")
 
     def save(self, samples: Samples, path: str | os.PathLike, scale: int | None = None) -> Path:
         """Write samples by the path's form: FILE.png (one image at its own size, or a grid of `ncol`
@@ -345,7 +276,7 @@ class Pipeline:
         FILE.gif / FILE.mp4 (clips). `scale` enlarges each pixel (default 1, clips 2)."""
         self.check_output(path)
         text, images = str(path), samples.images
-        scale = scale if scale is not None else 2 if text.endswith((".gif", ".mp4")) else 1
+        scale = self._kind.scale if scale is None else scale
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
         if not samples.decoded and not text.endswith(".npz"):
@@ -353,26 +284,15 @@ class Pipeline:
         if text.endswith(".npz"):
             with atomic_path(text) as tmp, open(tmp, "wb") as f:
                 np.savez(f, images=images.numpy(), labels=samples.labels.numpy())
-        elif text.endswith((".gif", ".mp4")):
-            (save_gif if text.endswith(".gif") else save_mp4)(text, images, nrow=samples.ncol, scale=scale)
-        elif text.endswith(".png") and len(images) == 1:  # one image: at its own size, no border
-            save_png(text, to_uint8(images)[0], scale)
-        elif text.endswith(".png"):
-            save_grid(text, images, nrow=samples.ncol, scale=scale)
         else:
-            save_image_folder(text, images, samples.labels if self.conditional or self.is_text_model else None)
+            self._kind.write(self, text, images, samples.labels, samples.ncol, scale)
         return Path(text)
 
     # ---- helpers -------------------------------------------------------------------------------
     def with_prompts(self, prompts: list[str]) -> PromptTable:
         """The text model conditioned on `prompts` as labels 0..P-1 (P = no prompt), encoded with the
         run's text encoder: sample it like a class-conditional DiT, with y = prompt indices."""
-        if not self.is_text_model:
-            raise ValueError(f"prompts need a text-to-image run; this one is a {type(self.model).__name__} "
-                             f"(use class labels)")
-        from ditkit.text import load_text_encoder
-
-        return PromptTable.encode(self.model, load_text_encoder(**self.info["text_encoder"]), prompts)
+        return self._kind.prompt_model(self, prompts)
 
     def decode(self, samples: Tensor) -> Tensor:
         """Samples -> images in [-1, 1]: VAE-decoded for a latent model, else clamped."""
@@ -383,9 +303,10 @@ class Pipeline:
     def sample_kwargs(self, s: dict[str, Any]) -> dict[str, Any]:
         """`ditkit.sample()` keywords for settings from `settings()` (the run's guide model where they ask for one)."""
         kwargs = {ARGUMENT_NAMES_INV.get(k, k): v for k, v in s.items()}
-        if kwargs.get("guide_scale") is not None and kwargs.get("guide_model") is None:
-            kwargs["guide_model"] = self.guide
-        return kwargs
+        flat = {k: kwargs.pop(k) for k in GUIDANCE_SETTINGS if k in kwargs}  # the run's flat guidance settings
+        if flat.get("guide_scale") is not None and flat.get("guide_model") is None:
+            flat["guide_model"] = self.guide
+        return {**kwargs, "guidance": guidance_from_settings(**flat)}
 
     def _previews(self, callback: Preview | None) -> Callable[[int, int, Tensor], None] | None:
         if callback is None:
@@ -395,18 +316,12 @@ class Pipeline:
 
 
 ARGUMENT_NAMES_INV = {v: k for k, v in ARGUMENT_NAMES.items()}
-# the settings a run may record and a caller may pass: sample()'s keywords, less what generate() supplies
-SAMPLE_OPTIONS = frozenset(inspect.signature(sample).parameters) - {
-    "model", "objective", "shape", "y", "generator", "progress", "callback", "noise", "step_noises", "start_step",
-    "step_hook"}
+# the settings a run may record and a caller may pass: sample()'s keywords (guidance as its flat settings),
+# less what generate() supplies
+SAMPLE_OPTIONS = (frozenset(inspect.signature(sample).parameters) | GUIDANCE_SETTINGS) - {
+    "model", "objective", "shape", "y", "guidance", "generator", "progress", "callback", "noise", "step_noises",
+    "editing"}
 ANY_OPTION = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(sample).parameters.values())  # sample(**kw)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ckpt.CheckpointError(f"{path} is not valid JSON ({err})") from None
 
 
 def _centre_crop(x: Tensor, aspect: float) -> Tensor:
@@ -421,33 +336,9 @@ def _centre_crop(x: Tensor, aspect: float) -> Tensor:
     return x[..., left:left + cw]
 
 
-def _load_control(path: Path, weights: str, info: dict[str, Any], device: torch.device) -> ControlDiT:
-    """A control run's branch on the base model it was trained on (the base checkpoint's EMA weights)."""
-    base_dir = info.get("base_checkpoint")
-    if base_dir is None or not Path(base_dir).is_dir():
-        raise FileNotFoundError(f"control run {path} needs its base model, recorded in run.json as {base_dir}, "
-                                f"which is not there")
-    base = Pipeline.load(base_dir, device=device).model
-    return ControlDiT(base, ControlBranch.from_pretrained(path, weights_name=weights)).to(device).eval()
-
-
 def describe(settings: dict[str, Any]) -> str:
     """One line of sampling settings, e.g. "heun, 20 steps, cfg 4.0, seed 0"."""
     hidden = ("sampler", "steps", "cfg", "what", "guide_model", "apg_momentum", "compile", "guide_unconditional")
     shown = {k: v for k, v in settings.items() if k not in hidden or (k in ("compile", "guide_unconditional") and v)}
     extra = "".join(f", {k} {v}" for k, v in shown.items() if v is not None)
     return f"{settings['sampler']}, {settings['steps']} steps, cfg {settings['cfg']}{extra}"
-
-
-def load_guide(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiT | None:
-    """The autoguidance model a run keeps in RUN/guide (its EMA weights at sample_guide_step), or None."""
-    path = Path(run_dir) / GUIDE_DIR
-    if not (path / "config.json").is_file():
-        return None
-    return DiT.from_pretrained(path).to(device).eval()
-
-
-def load_pipeline(path: str | os.PathLike, ema: bool = True, device: str | torch.device | None = None,
-                  vae: str | None = None) -> Pipeline:
-    """`Pipeline.load` (the name earlier code used)."""
-    return Pipeline.load(path, ema=ema, device=device, vae=vae)

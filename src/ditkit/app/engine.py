@@ -42,8 +42,7 @@ def facts(pipe: Pipeline) -> dict[str, Any]:
         "num_classes": int(pipe.num_classes),
         "class_names": [str(n) for n in names],
         "conditional": bool(pipe.conditional),
-        "image_size": list(pipe.image_size) if isinstance(pipe.image_size, (tuple, list)) else
-        [int(pipe.image_size)] * 2,
+        "image_size": list(pipe.image_size),
         "channels": int(pipe.channels),
         "samplers": list(samplers_for(pipe.objective)),  # the default first
         # the run's own settings made concrete (the default sampler's name and steps)

@@ -9,27 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ditkit.checkpoint import find_checkpoints, resolve_checkpoint
+
 # what the page may fetch from a run: pictures, and the text files the browser shows
 READABLE = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
             ".mp4": "video/mp4", ".csv": "text/csv", ".json": "application/json"}
 MAX_DEPTH = 4  # how deep `--runs DIR` looks for runs
 MAX_POINTS = 2000  # loss curve points sent to the page (longer runs are thinned evenly)
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A checkpoint directory: the model's config and weights (a training step, or a converted model)."""
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def checkpoints(run: Path) -> list[Path]:
-    """A run's checkpoint directories, oldest first; a checkpoint directory served alone is its own list.
-    Half-written ones (the trainer's .step_*.tmp) are not listed."""
-    if is_checkpoint(run):
-        return [run]
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and is_checkpoint(p))
 
 
 @dataclass(frozen=True)
@@ -39,12 +25,13 @@ class Run:
     path: Path
 
     def checkpoint(self, name: str | None) -> Path:
-        """The checkpoint called `name` (a directory name from `checkpoints`), or the newest one."""
-        found = checkpoints(self.path)
+        """The checkpoint called `name` (a directory name from `find_checkpoints`), or, for none, the one
+        `ditkit sample --ckpt RUN` uses: the newest that verifies."""
+        found = find_checkpoints(self.path)
         if not found:
             raise FileNotFoundError(f"run {self.id} has no checkpoint yet")
         if not name:
-            return found[-1]
+            return resolve_checkpoint(self.path)
         for path in found:
             if path.name == name:
                 return path
@@ -63,7 +50,7 @@ class RunIndex:
             raise FileNotFoundError(f"{root} is not a directory")
         self.single = ckpt is not None
         self.root = root
-        if self.single and not checkpoints(root):
+        if self.single and not find_checkpoints(root):
             raise FileNotFoundError(f"no checkpoint in {root}: expected a run directory with checkpoints/step_*/ "
                                     "or a checkpoint directory with config.json and model.safetensors")
 
@@ -73,7 +60,7 @@ class RunIndex:
         found: list[Run] = []
 
         def walk(folder: Path, depth: int) -> None:
-            if checkpoints(folder) or (folder / "metrics.csv").is_file():
+            if find_checkpoints(folder) or (folder / "metrics.csv").is_file():
                 found.append(Run(folder.relative_to(self.root).as_posix() or self.root.name, folder))
                 return
             if depth >= MAX_DEPTH:
@@ -146,7 +133,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
 
 def describe(run: Run) -> dict[str, Any]:
     """What the run browser shows of a run: its config, checkpoints, pictures and whether it has metrics."""
-    found = checkpoints(run.path)
+    found = find_checkpoints(run.path)
     info = read_json(found[-1] / "run.json") if found else {}
     model = read_json(found[-1] / "config.json") if found else {}
     pictures = sorted(p.name for p in run.path.iterdir()

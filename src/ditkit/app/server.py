@@ -149,8 +149,8 @@ class App:
         checkpoint, pipe = await run_in_threadpool(self._pipe, body)
         run_facts = facts(pipe)
         args = (params.edit_args if edit else params.generate_args)(body, run_facts)
-        if hasattr(pipe, "settings"):  # the Pipeline's own checks of the settings, before queueing
-            pipe.settings(**{k: args[k] for k in ("sampler", "steps", "cfg", "cfg_interval") if k in args})
+        # the Pipeline's own checks of the settings, before queueing
+        pipe.settings(**{k: args[k] for k in ("sampler", "steps", "cfg", "cfg_interval") if k in args})
 
         ncol = args.get("n", 1) if edit else len(args.get("prompts") or args.get("classes") or [0])
         run = pipe.edit if edit else pipe.generate

@@ -26,24 +26,8 @@ SHAPES_OPTIONS = ("n", "max_objects")
 VIDEO_SOURCES = ("moving_mnist",)  # sources of clips (N, C, F, H, W): a VideoDataset
 
 
-def load_dataset(source: str | os.PathLike, image_size: int | None = None, channels: int | None = None,
-                 split: str = "train", seed: int = 0, unconditional: bool = False,
-                 n_per_class: int = 1000, frames: int | None = None, **video_options) -> ImageDataset:
-    """Load a data source by name, or by path for an image folder (a builtin name wins over a folder).
-
-    - "mnist": 1 x 32 x 32 by default (more channels repeat the grey one); `split` is "train" (90% of
-      each class), "heldout" (the fixed other 10%, never seen in training) or "all".
-    - "patterns": `n_per_class` images per class, 3 x 32 x 32 by default, generated from `seed`.
-    - a directory: 3 x 32 x 32 by default (channels 1 or 3), centre-cropped and resized; random flips
-      are allowed (`hflip=True`); see `load_folder`.
-    - a latent cache: its latents as they are; the size and channels are the cache's (a LatentDataset).
-    - "shapes": captioned RGB images ("a red square at the top left"), 3 x 32 x 32 by default, generated
-      from `seed`; options n (6000) and max_objects (1: one object per image; up to 4).
-    - "moving_mnist": clips 1 x `frames` (8) x 32 x 32 of MNIST digits moving, generated from `seed`
-      (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed, ...).
-    Only MNIST has a held-out split: other sources accept split "train" or "all" (the same data).
-    `unconditional=True` keeps the images and makes them one class (label 0, `conditional=False`).
-    """
+def _check_source(source: str | os.PathLike, split: str, frames: int | None, video_options: dict) -> str:
+    """The source's name, after checking that it exists and takes `split`, `frames` and the options given."""
     expected = f"expected one of {', '.join(BUILTIN)}, or a directory of images"
     if not source:  # "" must not silently mean the working directory
         raise ValueError(f"no data source given: {expected}")
@@ -63,6 +47,28 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     if split not in splits:
         raise ValueError(f"unknown split {split!r} for data source {name!r}: expected one of {', '.join(splits)} "
                          f"(only mnist has a held-out split)")
+    return name
+
+
+def load_dataset(source: str | os.PathLike, image_size: int | None = None, channels: int | None = None,
+                 split: str = "train", seed: int = 0, unconditional: bool = False,
+                 n_per_class: int = 1000, frames: int | None = None, **video_options) -> ImageDataset:
+    """Load a data source by name, or by path for an image folder (a builtin name wins over a folder).
+
+    - "mnist": 1 x 32 x 32 by default (more channels repeat the grey one); `split` is "train" (90% of
+      each class), "heldout" (the fixed other 10%, never seen in training) or "all".
+    - "patterns": `n_per_class` images per class, 3 x 32 x 32 by default, generated from `seed`.
+    - a directory: 3 x 32 x 32 by default (channels 1 or 3), centre-cropped and resized; random flips
+      are allowed (`hflip=True`); see `load_folder`.
+    - a latent cache: its latents as they are; the size and channels are the cache's (a LatentDataset).
+    - "shapes": captioned RGB images ("a red square at the top left"), 3 x 32 x 32 by default, generated
+      from `seed`; options n (6000) and max_objects (1: one object per image; up to 4).
+    - "moving_mnist": clips 1 x `frames` (8) x 32 x 32 of MNIST digits moving, generated from `seed`
+      (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed, ...).
+    Only MNIST has a held-out split: other sources accept split "train" or "all" (the same data).
+    `unconditional=True` keeps the images and makes them one class (label 0, `conditional=False`).
+    """
+    name = _check_source(source, split, frames, video_options)
     if is_latent_cache(name):
         data = load_latents(name)
         if (image_size, channels) != (None, None):

@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +112,38 @@ def _progress(out: Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {"files_done": 0, "rows": 0, "skipped": []}
 
 
+def _open_cache(out: Path, index: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The cache's latent and label arrays (memory-mapped): those of an interrupted extraction with the same
+    `index`, or new ones; an extraction with other arguments is refused."""
+    if (out / INDEX).is_file():
+        saved = json.loads((out / INDEX).read_text())
+        changed = [k for k in index if saved.get(k) != index[k]]
+        if changed:
+            raise ValueError(f"{out} holds a different extraction (differs in: {', '.join(changed)}): "
+                             "choose another --out or delete it to start over")
+        return (np.lib.format.open_memmap(out / LATENTS, mode="r+"),
+                np.lib.format.open_memmap(out / LABELS, mode="r+"))
+    out.mkdir(parents=True, exist_ok=True)
+    latents = np.lib.format.open_memmap(out / LATENTS, mode="w+", dtype=np.float32, shape=shape)
+    labels = np.lib.format.open_memmap(out / LABELS, mode="w+", dtype=np.int64, shape=shape[:1])
+    write_json_atomic(out / PROGRESS, {"files_done": 0, "rows": 0, "skipped": []})
+    write_json_atomic(out / INDEX, index)
+    return latents, labels
+
+
+def _read_batch(files: list, ks: range, index: dict[str, Any], image_size: int,
+                state: dict[str, Any]) -> tuple[list[Tensor], list[int]]:
+    """The readable images of files[ks] (3, H, W) and their labels; unreadable ones are noted in state."""
+    batch, ys = [], []
+    for k in ks:
+        try:
+            batch.append(torch.from_numpy(load_image(files[k][0], image_size, 3)))
+            ys.append(index["labels"][k])
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            state["skipped"].append(f"{index['files'][k]} ({type(err).__name__})")
+    return batch, ys
+
+
 def extract_latents(data: str | os.PathLike, vae: str | os.PathLike | LatentSpace, out: str | os.PathLike,
                     image_size: int = 256, batch_size: int = 32, flip: bool = False, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True) -> Path:
@@ -140,31 +173,12 @@ def extract_latents(data: str | os.PathLike, vae: str | os.PathLike | LatentSpac
              "conditional": bool(subfolders), "files": [str(p.relative_to(root)) for p, _ in files],
              "labels": [groups.index(name) for _, name in files]}
     shape = (len(files) * views, space.channels, h, h)
-    if (out / INDEX).is_file():
-        saved = json.loads((out / INDEX).read_text())
-        changed = [k for k in index if saved.get(k) != index[k]]
-        if changed:
-            raise ValueError(f"{out} holds a different extraction (differs in: {', '.join(changed)}): "
-                             "choose another --out or delete it to start over")
-        latents = np.lib.format.open_memmap(out / LATENTS, mode="r+")
-        labels = np.lib.format.open_memmap(out / LABELS, mode="r+")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        latents = np.lib.format.open_memmap(out / LATENTS, mode="w+", dtype=np.float32, shape=shape)
-        labels = np.lib.format.open_memmap(out / LABELS, mode="w+", dtype=np.int64, shape=shape[:1])
-        write_json_atomic(out / PROGRESS, {"files_done": 0, "rows": 0, "skipped": []})
-        write_json_atomic(out / INDEX, index)
+    latents, labels = _open_cache(out, index, shape)
     state = _progress(out)
 
     bar = tqdm(total=len(files), initial=state["files_done"], desc="encoding", disable=not progress)
     for start in range(state["files_done"], len(files), batch_size):
-        batch, ys = [], []
-        for k in range(start, min(start + batch_size, len(files))):
-            try:
-                batch.append(torch.from_numpy(load_image(files[k][0], image_size, 3)))
-                ys.append(index["labels"][k])
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                state["skipped"].append(f"{index['files'][k]} ({type(err).__name__})")
+        batch, ys = _read_batch(files, range(start, min(start + batch_size, len(files))), index, image_size, state)
         if batch:
             x = torch.stack(batch)  # (B, 3, H, W)
             if flip:  # rows: image, mirror, image, mirror, ...

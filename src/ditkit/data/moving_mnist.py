@@ -53,6 +53,19 @@ def _reflect(u: np.ndarray, room: int) -> np.ndarray:
     return np.where(u > room, 2 * room - u, u)
 
 
+def _digits(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST-5k digits of `split` resized to `digit_size`: (M, s, s) in [0, 1], and their labels (M,)."""
+    pixels, labels = _raw()
+    held = heldout_mask(labels)
+    keep = {"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split]
+    pixels, labels = pixels[keep], labels[keep]
+    digits = torch.from_numpy(pixels).float().div(255).unsqueeze(1)
+    if digit_size != 28:
+        digits = F.interpolate(digits, size=(digit_size, digit_size), mode="bilinear", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    return digits[:, 0].numpy(), labels
+
+
 def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32, num_digits: int = 1,
                       motion: str = "bounce", speed: float | None = None, digit_size: int | None = None,
                       split: str = "train", seed: int = 0) -> VideoDataset:
@@ -72,15 +85,7 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
     if min(n_clips, frames, image_size, num_digits) < 1 or not 0 < digit_size <= image_size or speed < 0:
         raise ValueError(f"need n_clips, frames, image_size, num_digits >= 1, 0 < digit_size <= image_size and "
                          f"speed >= 0; got {n_clips}, {frames}, {image_size}, {num_digits}, {digit_size}, {speed}")
-    pixels, labels = _raw()
-    held = heldout_mask(labels)
-    keep = {"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split]
-    pixels, labels = pixels[keep], labels[keep]
-    digits = torch.from_numpy(pixels).float().div(255).unsqueeze(1)
-    if digit_size != 28:
-        digits = F.interpolate(digits, size=(digit_size, digit_size), mode="bilinear", antialias=True,
-                               align_corners=False).clamp(0, 1)
-    digits = digits[:, 0].numpy()  # (M, s, s) in [0, 1]
+    digits, labels = _digits(split, digit_size)
 
     rng = np.random.RandomState(seed)  # frozen stream across numpy versions (NEP 19)
     room = image_size - digit_size

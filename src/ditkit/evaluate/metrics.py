@@ -224,6 +224,28 @@ def _load_reference(reference: str, samples: Tensor) -> Tensor:
     raise ValueError(f"unknown reference {reference!r}: expected mnist, a directory of images or a FILE.npz")
 
 
+def _classifier_metrics(samples: Tensor, labels: Tensor | None, classifier: DigitClassifier | None, k: int,
+                        batch_size: int) -> dict[str, float]:
+    """The digit classifier's metrics of `evaluate` (reference "mnist")."""
+    metrics: dict[str, float] = {}
+    _warn_if_few(len(samples), 128, "samples")
+    model = (classifier or load_classifier()).eval()
+    train, heldout = load_dataset("mnist", split="train"), load_dataset("mnist", split="heldout")
+    metrics["classifier_heldout_accuracy"] = accuracy(model, heldout.images, heldout.labels)
+    if labels is not None:
+        metrics["accuracy"] = accuracy(model, samples, labels.long())
+    f_fake = _classifier_features(model, samples, batch_size)
+    f_held = _classifier_features(model, heldout.images, batch_size)
+    # FD is biased upward by small sets, so the baseline uses as many training images as there are
+    # samples (a fixed random subset): then the two numbers differ by quality, not by set size
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(samples)]
+    f_train = _classifier_features(model, train.images[pick], batch_size)
+    metrics["fd_classifier"] = frechet_distance_from_features(f_fake, f_held)
+    metrics["fd_classifier_real_baseline"] = frechet_distance_from_features(f_train, f_held)
+    metrics["precision"], metrics["recall"] = precision_recall(f_held, f_fake, k=k)
+    return metrics
+
+
 def evaluate(samples: Tensor, labels: Tensor | None = None, reference: str = "mnist",
              inception_weights: str | os.PathLike | None = None, classifier: DigitClassifier | None = None,
              k: int = 3, batch_size: int = 250, device: str | torch.device | None = None) -> dict[str, float]:
@@ -260,21 +282,7 @@ def evaluate(samples: Tensor, labels: Tensor | None = None, reference: str = "mn
 
     metrics: dict[str, float] = {"num_samples": len(samples)}  # a count: an int in the JSON too
     if mnist:
-        _warn_if_few(len(samples), 128, "samples")
-        model = (classifier or load_classifier()).eval()
-        train, heldout = load_dataset("mnist", split="train"), load_dataset("mnist", split="heldout")
-        metrics["classifier_heldout_accuracy"] = accuracy(model, heldout.images, heldout.labels)
-        if labels is not None:
-            metrics["accuracy"] = accuracy(model, samples, labels.long())
-        f_fake = _classifier_features(model, samples, batch_size)
-        f_held = _classifier_features(model, heldout.images, batch_size)
-        # FD is biased upward by small sets, so the baseline uses as many training images as there are
-        # samples (a fixed random subset): then the two numbers differ by quality, not by set size
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(samples)]
-        f_train = _classifier_features(model, train.images[pick], batch_size)
-        metrics["fd_classifier"] = frechet_distance_from_features(f_fake, f_held)
-        metrics["fd_classifier_real_baseline"] = frechet_distance_from_features(f_train, f_held)
-        metrics["precision"], metrics["recall"] = precision_recall(f_held, f_fake, k=k)
+        metrics.update(_classifier_metrics(samples, labels, classifier, k, batch_size))
     if inception_weights is not None:
         from ditkit.evaluate.inception import load_inception  # the Inception net is only built on request
 

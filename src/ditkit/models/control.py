@@ -55,7 +55,7 @@ class ControlBranch(PretrainedMixin, nn.Module):
         c = base.config
         # non-default recipe options; the MLP's kind is copied, the others would need the branch to carry them
         modern = {k: v for k, v in getattr(base, "recipe", {}).items() if k in c and k != "mlp"}
-        if modern:  # issue 14: the branch copies paper-style blocks (with the base's MLP)
+        if modern:  # the branch copies paper-style blocks (with the base's MLP)
             raise ValueError(f"structure control copies the paper's DiT blocks; this base uses {modern}")
         branch = cls(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["patch_size"], c["in_channels"],
                      c["block"], num_blocks, condition, mlp=c.get("mlp", RECIPE_DEFAULTS["mlp"]))

@@ -162,6 +162,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def _check_dit_args(input_size: int | tuple[int, int], patch_size: int, num_classes: int, block: str, mlp: str,
+                    norm: str, pos_embed: str) -> tuple[int, int]:
+    """The checked (H, W) of a DiT's arguments; one ValueError naming the first bad one."""
+    if block not in _BLOCK_CLASSES:
+        raise ValueError(f"unknown block {block!r}: expected one of {', '.join(BLOCKS)}")
+    check_recipe(mlp, norm, pos_embed)
+    H, W = to_2tuple(input_size)
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"input_size {(H, W)} is not divisible by patch_size {patch_size}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
+    return H, W
+
+
 class DiT(PretrainedMixin, nn.Module):
     """Diffusion Transformer, class-conditional.
 
@@ -197,60 +211,52 @@ class DiT(PretrainedMixin, nn.Module):
         pos_embed: str = "sincos",
     ):
         super().__init__()
-        if block not in _BLOCK_CLASSES:
-            raise ValueError(f"unknown block {block!r}: expected one of {', '.join(BLOCKS)}")
-        check_recipe(mlp, norm, pos_embed)
-        H, W = to_2tuple(input_size)
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"input_size {(H, W)} is not divisible by patch_size {patch_size}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
+        H, W = _check_dit_args(input_size, patch_size, num_classes, block, mlp, norm, pos_embed)
+        self.recipe = dict(mlp=mlp, norm=norm, qk_norm=qk_norm, pos_embed=pos_embed)
         self.config = dict(
             input_size=input_size if isinstance(input_size, int) else [H, W],
             patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, block=block,
         )
-        recipe = dict(mlp=mlp, norm=norm, qk_norm=qk_norm, pos_embed=pos_embed)
-        self.config.update({k: v for k, v in recipe.items() if v != RECIPE_DEFAULTS[k]})  # paper configs unchanged
-        self.recipe = recipe
-        if interval_embed:  # issue 15: listed only when used, so the paper's config.json stays as it was
+        # options are listed only when they differ from the paper's, so the paper's config.json stays as it is
+        self.config.update({k: v for k, v in self.recipe.items() if v != RECIPE_DEFAULTS[k]})
+        if interval_embed:
             self.config["interval_embed"] = True
             if interval_scale != 1.0:
                 self.config["interval_scale"] = interval_scale
-        self.interval_scale = interval_scale
-        self.input_size = (H, W)
-        self.patch_size = patch_size
+        self.interval_scale, self.input_size, self.patch_size = interval_scale, (H, W), patch_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.block = block
+        self.learn_sigma, self.num_classes, self.block = learn_sigma, num_classes, block
         self.grid_size = (H // patch_size, W // patch_size)
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # issue 15: a second timestep embedder for the interval t - r of two-time (MeanFlow) models; its
-        # output layer starts at zero so that a flow-matching checkpoint (the r = t case) loads unchanged
+        # a second timestep embedder for the interval t - r of two-time (MeanFlow) models; its output layer
+        # starts at zero so that a flow-matching checkpoint (the r = t case) loads unchanged
         self.interval_embedder = None
         if interval_embed:
             self.interval_embedder = TimestepEmbedder(hidden_size)
             nn.init.zeros_(self.interval_embedder.mlp[2].weight)
-        # Fixed, not learned; a Parameter (not a buffer) because the original checkpoints store it.
-        # With RoPE alone the table stays (zeros, so checkpoints keep one layout) and is not added.
-        num_patches = self.grid_size[0] * self.grid_size[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.add_pos_embed = pos_embed != "rope"
-        if self.add_pos_embed:
-            self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, self.grid_size)).unsqueeze(0))
+        self._init_pos_embed(hidden_size, pos_embed)
         self.block_options = dict(mlp=mlp, norm=norm, qk_norm=qk_norm,
                                   rope_grid=self.grid_size if "rope" in pos_embed else None)
         self.blocks = nn.ModuleList(
             [_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio, **self.block_options) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+
+    def _init_pos_embed(self, hidden_size: int, pos_embed: str) -> None:
+        """The fixed 2D sin-cos table: a Parameter (not a buffer) because the original checkpoints store it.
+        With RoPE alone the table stays (zeros, so checkpoints keep one layout) and is not added."""
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.add_pos_embed = pos_embed != "rope"
+        if self.add_pos_embed:
+            self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, self.grid_size)).unsqueeze(0))
 
     # ----------------------------------------------------------------------------------------
     def unpatchify(self, x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """Editing with a trained model: image-to-image (SDEdit, Meng et al. 2022) and inpainting (RePaint,
-Lugmayr et al. 2022), under both objectives and with every sampler and classifier-free guidance.
+Lugmayr et al. 2022), under both objectives and with every sampler and guidance.
 
 Both are ordinary sampling (`ditkit.sampling.sample`) started part-way and steered after each step:
 - SDEdit: of the `steps` steps sampling would take, only the last round(strength * steps) run, from the
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ditkit.data.folder import flatten
 from ditkit.diffusion import FlowMatching, GaussianDiffusion
-from ditkit.sampling import Callback, sample, sampling_schedule
+from ditkit.sampling import Editing, Guidance, sample, sampling_schedule
 
 DEFAULT_STRENGTH = 0.6  # SDEdit's sweet spot between faithfulness and realism (Meng et al., fig. 4)
 
@@ -71,18 +71,17 @@ def noised_to_level(schedule: GaussianDiffusion | FlowMatching, steps: int, imag
 
 def edit(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatching, image: Tensor,
          mask: Tensor | None = None, strength: float | None = None, *, y: Tensor | None = None,
-         cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None, steps: int | None = None,
-         sampler: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
-         generator: torch.Generator | None = None, progress: bool = False, guided_channels: int | None = None,
-         null_label: int | None = None, callback: Callback | None = None, **options: Any) -> Tensor:
+         guidance: Guidance | float | None = None, steps: int | None = None, sampler: str | None = None,
+         jump_length: int = 1, jump_n_sample: int = 1, generator: torch.Generator | None = None,
+         progress: bool = False, **options: Any) -> Tensor:
     """Edit images (N, C, H, W) in the model's range ([-1, 1] for pixels) with `model(x, t, y)`.
 
     mask: None for image-to-image; else (H, W) or (N or 1, C or 1, H, W), 1 where pixels are regenerated
     and 0 where the image is kept (inpainting). strength in [0, 1]: how much noise the edit starts from
     (None: 1 with a mask, DEFAULT_STRENGTH without). jump_length, jump_n_sample: RePaint's resampling
     jumps (inpainting only): every jump_length steps, go back jump_length steps and sample them again,
-    jump_n_sample times in all. The rest (and `options`) is as `ditkit.sampling.sample`; all noise comes
-    from `generator`.
+    jump_n_sample times in all. guidance and the rest (`options`: guided_channels, null_label, callback,
+    ...) are as `ditkit.sampling.sample`; all noise comes from `generator`.
     """
     check_image(model, image)
     keep = None if mask is None else _keep_mask(mask, image)
@@ -106,10 +105,9 @@ def edit(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatchi
     def keep_known(x: Tensor, level: int) -> Tensor:
         return torch.where(keep, noised_to_level(schedule, n, image, level, draw()), x)
 
-    return sample(model, objective, image.shape, y=y, cfg_scale=cfg_scale, cfg_interval=cfg_interval, steps=steps,
-                  sampler=sampler, generator=generator, progress=progress, guided_channels=guided_channels,
-                  null_label=null_label, noise=x, start_step=start, step_hook=None if keep is None else keep_known,
-                  jump_length=jump_length, jump_n_sample=jump_n_sample, callback=callback, **options)
+    steering = Editing(start, None if keep is None else keep_known, jump_length, jump_n_sample)
+    return sample(model, objective, image.shape, y=y, guidance=guidance, steps=steps, sampler=sampler,
+                  generator=generator, progress=progress, noise=x, editing=steering, **options)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Options of `ditkit.sample` that change how the model is run, not what is sampled (issue 15):
-reduced-precision autocast, `torch.compile`, block caching (`ditkit.sampling.cache`), and the warning for step
-counts a model cannot honour. Guidance and sampler maths stay in float32: the model's output is cast back
-to the state's dtype before guidance (`ditkit.sampling.guided_model`)."""
+"""Options of `ditkit.sample` that change how the model is run, not what is sampled: reduced-precision
+autocast, `torch.compile`, block caching (`ditkit.sampling.cache`), and the warning for step counts a model
+cannot honour. Guidance and sampler maths stay in float32: the model's output is cast back to the state's
+dtype before guidance (`ditkit.sampling.guidance`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +17,7 @@ from ditkit.sampling.cache import BlockCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fewer steps than this on an instantaneous-velocity / noise model earn a warning: one step lands on the
-# posterior mean E[x0 | noise] (a blurred class average), while 2 Euler steps already draw digits on the demo
-# (98% accuracy at CFG 4; benchmarks/few_step.py)
+# posterior mean E[x0 | noise] (a blurred class average); benchmarks/few_step.py measures what 2+ steps give
 FEW_STEPS = 2
 
 
@@ -100,9 +99,9 @@ def prepare_model(model: Callable[..., Tensor], device: torch.device, precision:
 def warn_few_steps(objective: object, sampler: str, steps: int) -> None:
     """Warn when a model that learned an instantaneous velocity (or noise) is asked for a single step: the
     result is the posterior mean (a blurred average), not samples. One-step models (MeanFlow) are exempt."""
-    from ditkit.diffusion.meanflow import MeanFlow
+    from ditkit.diffusion.meanflow import AverageVelocity
 
-    if steps >= FEW_STEPS or (isinstance(objective, MeanFlow) and sampler == "meanflow"):
+    if steps >= FEW_STEPS or (isinstance(objective, AverageVelocity) and sampler == "meanflow"):
         return
     kind = "flow-matching (velocity)" if hasattr(objective, "velocity") else "Gaussian diffusion (noise)"
     warnings.warn(f"{steps} {sampler} step on a {kind} model: it was trained for many small steps, so one step "

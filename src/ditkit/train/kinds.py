@@ -23,12 +23,13 @@ from ditkit.data.conditions import make_condition
 from ditkit.images import save_comparison, save_gif, shown_classes
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
-from ditkit.pipeline import GUIDE_DIR, Pipeline, load_guide
+from ditkit.kinds import GUIDE_DIR, load_guide
+from ditkit.pipeline import Pipeline
 from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit import checkpoint as ckpt
-from ditkit.config import TrainConfig
-from ditkit.train.meanflow import load_base_weights
+from ditkit.config import ONE_STEP, TrainConfig
+from ditkit.train.onestep import load_base_weights
 
 
 class ImageKind:
@@ -43,10 +44,10 @@ class ImageKind:
                     learn_sigma=c.objective == "ddpm", class_dropout_prob=c.class_dropout_prob, **c.model_args)
 
     def build(self) -> nn.Module:
-        """The module that trains (on the CPU; the trainer moves it). MeanFlow adds the interval embedder and
-        may start from a flow-matching run (base=)."""
+        """The module that trains (on the CPU; the trainer moves it). A one-step objective (meanflow, distill)
+        adds the interval embedder and may start from a flow-matching run (base=)."""
         c, kwargs = self.c, self.model_kwargs()
-        if c.objective == "meanflow":
+        if c.objective in ONE_STEP:
             kwargs = {"interval_embed": True, "interval_scale": c.meanflow_interval_scale, **kwargs}
         if c.model == "custom":
             arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
@@ -54,7 +55,7 @@ class ImageKind:
             model = DiT(**{**arch, **kwargs})
         else:
             model = create_model(c.model, **{"block": c.block, **kwargs})
-        if c.objective == "meanflow" and c.base:  # a resumed run then loads its own weights over these
+        if c.objective in ONE_STEP and c.base:  # a resumed run then loads its own weights over these
             load_base_weights(model, ckpt.resolve_checkpoint(c.base), c.flow_time_scale)
         return model
 
@@ -97,7 +98,7 @@ class ImageKind:
     def save_guide(self, ema_model: nn.Module, out: Path) -> None:
         """Keep the EMA weights of this step as the run's autoguidance model (OUT/guide): plain image DiTs
         with a multi-step objective only."""
-        if type(ema_model) is DiT and self.c.objective != "meanflow":
+        if type(ema_model) is DiT and self.c.objective not in ONE_STEP:
             ema_model.save_pretrained(out / GUIDE_DIR)
 
     def save_grid(self, path: Path, real: Tensor, images: Tensor) -> None:

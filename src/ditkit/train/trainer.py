@@ -10,7 +10,6 @@ see the same numbers, and a resumed run continues bit-identically.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -33,12 +32,12 @@ from ditkit.io import write_json_atomic, write_text_atomic
 from ditkit.sampling.fast import PRECISIONS
 from ditkit import checkpoint as ckpt
 from ditkit.train import distributed
-from ditkit.config import TrainConfig
+from ditkit.config import ONE_STEP, TrainConfig
 from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
 from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
-from ditkit.train.meanflow import make_trajectories, meanflow_objective, train_flow_base
+from ditkit.train.onestep import make_trajectories, one_step_objective, train_flow_base
 
 
 
@@ -103,7 +102,9 @@ class EpochSampler:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def draw_timesteps(objective: Any, n: int, generator: torch.Generator) -> Tensor:
+def draw_timesteps(objective: Any, n: int, generator: torch.Generator) -> Any:
+    """The global batch's times (Gaussian steps, flow times, MeanFlow's (t, r) pairs, or a distillation's
+    TrajectoryPairs): sliced per process and moved to the device like the batch's other tensors."""
     if isinstance(objective, FlowMatching):
         return objective.sample_t(n, generator=generator)
     return torch.randint(0, objective.num_timesteps, (n,), generator=generator)
@@ -200,15 +201,13 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
     """Data, objective, model (+ EMA), the distributed wrapper, optimizer and scaler, restored from `start`."""
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
     kind = make_kind(c)
-    if c.objective == "meanflow":
-        objective = meanflow_objective(c)
+    torch.manual_seed(c.seed)  # identical initial weights on every rank
+    model = kind.build().to(dist.device)
+    if c.objective in ONE_STEP:  # built from the model before any update: its teacher is the base's weights
+        objective = one_step_objective(c, model)
     else:
         objective = build_objective(c.objective, c.timestep_sampling, cosine_weight=c.velocity_cosine_weight,
                                     time_scale=c.flow_time_scale)
-    torch.manual_seed(c.seed)  # identical initial weights on every rank
-    model = kind.build().to(dist.device)
-    if c.objective == "meanflow" and c.meanflow_teacher:  # the base's weights, frozen before any update
-        objective.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     model.grad_checkpointing = c.grad_checkpoint
     run = Run(c, dist, kind, objective, model, EMA(model, decay=c.ema_decay, warmup=c.ema_warmup, power_std=c.ema_std),
               torch.Generator().manual_seed(c.seed), EpochSampler(len(kind.data), c.batch_size, c.seed))
@@ -391,8 +390,8 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     """Train as configured; writes checkpoints, metrics.csv, loss_curve.png and samples.png (samples.gif for
     video data) to c.out. resume: continue the run in c.out from its newest good checkpoint. Holds c.out's
     lock (RunLocked if another run has it); on SIGINT/SIGTERM saves a checkpoint after the current step and
-    raises TrainingInterrupted. A MeanFlow config whose base= is a flow config file trains that run first
-    (into c.out/base), then MeanFlow from it."""
+    raises TrainingInterrupted. A one-step config (objective meanflow or distill) whose base= is a flow config
+    file trains that run first (into c.out/base), then the one-step model from it."""
     c, resume = train_flow_base(c, resume, progress, train)
     with run_lock(c.out), catch_interrupts() as stop:
         return _train(c, resume, progress, stop)

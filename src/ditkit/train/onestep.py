@@ -1,8 +1,9 @@
-"""MeanFlow training from a TrainConfig (issue 15): the configured objective, the start from a
-flow-matching run (`base=RUN`), whose velocity model is the two-time model at r = t, and the two-phase run
-(`base=CONFIG_FILE`) that trains that flow run first."""
+"""One-step training from a TrainConfig: the two average-velocity objectives (MeanFlow, trajectory
+distillation), the start from a flow-matching run (`base=RUN`), whose velocity model is the two-time model at
+r = t, and the two-phase run (`base=CONFIG_FILE`) that trains that flow run first."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -12,33 +13,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditkit import checkpoint as ckpt
+from ditkit.config import BASE_DIR, ONE_STEP, build_config, is_config_file
+from ditkit.diffusion.distill import TrajectoryDistillation
 from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.diffusion.meanflow import MeanFlow
 from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
-from ditkit import checkpoint as ckpt
-from ditkit.config import BASE_DIR, build_config, is_config_file
 
 
-def meanflow_objective(c: Any) -> MeanFlow:
-    """The MeanFlow objective a TrainConfig `c` asks for (its meanflow_* fields)."""
+def one_step_objective(c: Any, model: nn.Module) -> MeanFlow | TrajectoryDistillation:
+    """The objective a one-step TrainConfig `c` asks for (its meanflow_* or distill_* fields). `model` is the
+    two-time model before any update: started from the base run, so a frozen copy of it is that run's
+    velocity model, the teacher (`meanflow_teacher`, and always for distillation)."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if c.objective == "distill" or c.meanflow_teacher \
+        else None
+    if c.objective == "distill":
+        return TrajectoryDistillation(teacher, trajectories=c.distill_trajectories, heun_steps=c.distill_heun_steps,
+                                      cfg_scale=c.distill_cfg, cfg_interval=c.distill_cfg_interval,
+                                      time_scale=c.flow_time_scale)
     return MeanFlow(timestep_sampling=c.timestep_sampling, unequal_fraction=c.meanflow_unequal,
-                    adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, cfg_mix=c.meanflow_cfg_mix,
-                    time_scale=c.flow_time_scale, cfg_interval=c.meanflow_cfg_interval,
-                    trajectory_share=c.meanflow_trajectory_share if c.meanflow_trajectories else 0.0)
+                    adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, teacher=teacher,
+                    time_scale=c.flow_time_scale, cfg_interval=c.meanflow_cfg_interval)
 
 
 def make_trajectories(run: Any, progress: bool) -> None:
-    """The teacher's trajectories a MeanFlow run asks for (meanflow_trajectories), from its own seed: made
-    again, identically, when the run resumes. Call it under the run's autocast, inside `minutes` (it is part of
-    this phase's cost)."""
-    c, data = run.c, run.kind.data
-    if c.objective != "meanflow" or not c.meanflow_trajectories:
+    """The teacher's trajectories a distillation run trains on, from its own seed: made again, identically,
+    when the run resumes. Call it under the run's autocast, inside `minutes` (it is part of this phase's
+    cost)."""
+    if not isinstance(run.objective, TrajectoryDistillation):
         return
+    data = run.kind.data
     with torch.no_grad():
-        run.objective.make_trajectories(c.meanflow_trajectories, data.images.shape[1:], data.num_classes,
-                                        c.meanflow_trajectory_steps, torch.Generator().manual_seed(c.seed),
-                                        run.dist.device, progress=progress and run.dist.is_main)
+        run.objective.make_trajectories(data.images.shape[1:], data.num_classes,
+                                        torch.Generator().manual_seed(run.c.seed), run.dist.device,
+                                        progress=progress and run.dist.is_main)
 
 
 def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIME_SCALE) -> None:
@@ -50,7 +59,7 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     info_file = base / "run.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if info.get("objective") != "flow":
-        raise ValueError(f"base={base} must be a flow-matching run to start MeanFlow from, "
+        raise ValueError(f"base={base} must be a flow-matching run to start a one-step model from, "
                          f"got objective={info.get('objective')}")
     base_scale = info.get("train_config", {}).get("flow_time_scale", FLOW_TIME_SCALE)
     if base_scale != time_scale:
@@ -75,24 +84,24 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     model.load_state_dict(state, strict=False)
 
 
-FINISHED = "finished.json"  # written there when that run ends (not interrupted): the MeanFlow phase may start
+FINISHED = "finished.json"  # written there when that run ends (not interrupted): the one-step phase may start
 
 
 def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., Any]) -> tuple[Any, bool]:
-    """The first phase of a two-phase one-step run: with objective=meanflow and base= a flow config file,
-    train that flow run into OUT/base (for base_minutes if set, with this run's seed), then return the config
-    with base= that run, and whether the MeanFlow phase resumes (it has checkpoints). A run stopped in the
-    first phase resumes there; one already past it skips it."""
-    if c.objective != "meanflow" or not is_config_file(c.base):
+    """The first phase of a two-phase one-step run: with objective=meanflow or distill and base= a flow config
+    file, train that flow run into OUT/base (for base_minutes if set, with this run's seed), then return the
+    config with base= that run, and whether the one-step phase resumes (it has checkpoints). A run stopped in
+    the first phase resumes there; one already past it skips it."""
+    if c.objective not in ONE_STEP or not is_config_file(c.base):
         return c, resume
     out = Path(c.out) / BASE_DIR
     if not (out / FINISHED).is_file():
-        # the flow run is fed time as this run is: MeanFlow starts from its weights
+        # the flow run is fed time as this run is: the one-step model starts from its weights
         base = build_config(c.base, {"out": str(out), "seed": c.seed, "minutes": c.base_minutes,
                                      "flow_time_scale": c.flow_time_scale}, source=f"base={c.base}")
         if base.objective != "flow":
             raise ValueError(f"base={c.base} must describe a flow-matching run (objective: flow) to start "
-                             f"MeanFlow from, got objective={base.objective}")
+                             f"{c.objective} from, got objective={base.objective}")
         if progress:
             print(f"phase 1 of 2: the flow run {c.base} into {out}"
                   + (f", at most {c.base_minutes:g} minutes" if c.base_minutes else ""), flush=True)
@@ -100,5 +109,5 @@ def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., A
         write_json_atomic(out / FINISHED, {"checkpoint": str(result.checkpoint), "steps": result.steps,
                                            "seconds": round(result.seconds, 1)})
         if progress:
-            print(f"phase 2 of 2: MeanFlow from {result.checkpoint}", flush=True)
+            print(f"phase 2 of 2: {c.objective} from {result.checkpoint}", flush=True)
     return dataclasses.replace(c, base=str(out)), resume and bool(ckpt.list_checkpoints(c.out))

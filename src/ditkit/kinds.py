@@ -1,0 +1,252 @@
+"""What differs between the kinds of run at inference, one small class each, so that `ditkit.pipeline.Pipeline`
+reads the same for every kind (the trainer's counterpart is `ditkit.train.kinds`).
+
+A kind owns: loading its model from a checkpoint directory, what a grid's columns are (classes or prompts),
+the condition that samples and edits follow, a sample's dimensions between channels and (H, W), and the
+files its samples are written to.
+
+    ImageRun     a DiT on pixels or VAE latents, class-conditional or not (any other model samples as one too)
+    VideoRun     a VideoDiT: samples are clips (N, C, F, H, W), written as .gif or .mp4
+    TextRun      an MMDiT or PixArtDiT behind a PromptTable: prompts act as class labels 0..P-1
+    ControlRun   a ControlNet-style branch on its base run's DiT: samples follow a condition image's structure
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ditkit import checkpoint as ckpt
+from ditkit.data.conditions import make_condition
+from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
+from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
+from ditkit.models.control import ControlBranch, ControlDiT
+from ditkit.sampling.editing import DEFAULT_STRENGTH
+from ditkit.text.prompts import PromptTable
+
+GUIDE_DIR = "guide"  # a run's autoguidance model (its EMA weights at sample_guide_step), beside checkpoints/
+Model = Any  # what is sampled: the run's model, a PromptTable on it, or a ControlDiT bound to a condition
+Device = str | torch.device
+
+
+class LoadedRun(Protocol):
+    """What a kind reads of the pipeline it serves."""
+    model: Any
+    info: dict[str, Any]
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def conditional(self) -> bool: ...
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+
+class ImageRun:
+    """A DiT on pixels or latents: a grid's columns are its classes (one column if it is unconditional)."""
+    name = "image"
+    models: tuple[type[nn.Module], ...] = (DiT,)  # what it samples
+    saved: tuple[type[nn.Module], ...] = (DiT,)  # what its checkpoint holds (the class config.json names)
+    edits = True  # edit() applies (on pixels)
+    guided = True  # it may keep an autoguidance model (RUN/guide)
+    outputs = ".png, a folder/"
+    scale = 1  # how much save() enlarges each pixel by default
+
+    def load_model(self, path: Path, weights: str, model_type: str | None, info: dict[str, Any],
+                   device: Device) -> nn.Module:
+        """The model of checkpoint directory `path` with the weights file `weights`, in eval mode."""
+        model_class = {c.__name__: c for c in self.saved}.get(model_type, self.saved[0])
+        return model_class.from_pretrained(path, weights_name=weights).to(device).eval()
+
+    def columns(self, run: LoadedRun, classes: list[int] | None,
+                prompts: list[str] | None) -> tuple[Model, list[int]]:
+        """The model to sample and the label of each grid column."""
+        if prompts is not None:
+            self.prompt_model(run, prompts)  # refuses: prompts need a text run
+        K = run.num_classes
+        if not run.conditional:
+            if classes is not None and list(classes) != [0]:
+                raise ValueError(f"class {list(classes)}: this run is unconditional (it has no classes)")
+            return run.model, [0]
+        classes = list(range(K)) if classes is None else list(classes)
+        bad = [k for k in classes if not 0 <= k < K]
+        if bad or not classes:
+            raise ValueError(f"--class {bad} out of range: this model has classes 0..{K - 1}")
+        return run.model, classes
+
+    def prompt_model(self, run: LoadedRun, prompts: list[str]) -> PromptTable:
+        """The model conditioned on `prompts` as labels 0..P-1: text runs only."""
+        raise ValueError(f"prompts need a text-to-image run; this one is a {type(run.model).__name__} "
+                         f"(use class labels)")
+
+    def conditioned(self, run: LoadedRun, model: Model, condition: Tensor | None, columns: int,
+                    n_per_class: int) -> Model:
+        """The model that generate() samples, given its `condition` images (control runs: one per column)."""
+        if condition is not None:
+            raise ValueError(f"condition images are for control runs, one per class ({columns})")
+        return model
+
+    def clip(self, run: LoadedRun, frames: int | None) -> list[int]:
+        """A sample's dimensions between channels and (H, W): none for an image."""
+        if frames is not None:
+            article = "an" if self.name[0] in "aeiou" else "a"
+            raise ValueError(f"frames applies to video runs only (this is {article} {self.name} run)")
+        return []
+
+    def edit_condition(self, run: LoadedRun, class_label: int | None, prompt: str | None, n: int,
+                       image: Tensor) -> tuple[Model, Tensor | None]:
+        """The model an edit samples and its labels (None: unconditional) for `n` edits of `image`."""
+        if prompt is not None:
+            self.prompt_model(run, [prompt])  # refuses: prompts need a text run
+        if class_label is None:
+            return run.model, None
+        if not run.conditional:
+            raise ValueError(f"--class {class_label}: this run is unconditional (it has no classes)")
+        if not 0 <= class_label < run.num_classes:
+            raise ValueError(f"--class {class_label}: this model has classes 0..{run.num_classes - 1}")
+        return run.model, torch.full((n,), class_label, device=run.device)
+
+    def edit_style(self, run: LoadedRun, masked: bool) -> tuple[float, str]:
+        """(the default strength, what the edit is called): inpainting redraws the mask, SDEdit part-noises."""
+        return (1.0, "inpainted") if masked else (DEFAULT_STRENGTH, "edited")
+
+    def check_output(self, path: str) -> None:
+        """ValueError unless `path` (a file name or folder, not .npz) fits this kind's samples."""
+        if path.endswith((".gif", ".mp4")):
+            raise ValueError(f"this run holds an image model: write its samples to {self.outputs} or .npz, "
+                             f"not {path}")
+
+    def labelled(self, run: LoadedRun) -> bool:
+        """Whether a folder of samples gets one subfolder per label."""
+        return run.conditional
+
+    def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
+        """FILE.png (one image at its own size, or a grid of `ncol` columns) or DIR/ (one PNG per sample)."""
+        if path.endswith(".png") and len(images) == 1:  # one image: at its own size, no border
+            save_png(path, to_uint8(images)[0], scale)
+        elif path.endswith(".png"):
+            save_grid(path, images, nrow=ncol, scale=scale)
+        else:
+            save_image_folder(path, images, labels if self.labelled(run) else None)
+
+
+class VideoRun(ImageRun):
+    """A VideoDiT: samples are clips of the run's number of frames (or another), saved as GIF or MP4."""
+    name = "video"
+    guided = False
+    models = saved = (VideoDiT,)
+    edits = False
+    outputs = ".gif, .mp4"
+    scale = 2
+
+    def clip(self, run: LoadedRun, frames: int | None) -> list[int]:
+        if frames is not None and frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        return [frames or run.model.num_frames]
+
+    def check_output(self, path: str) -> None:
+        if not path.endswith((".gif", ".mp4")):
+            raise ValueError(f"this run holds a video model: write its samples to {self.outputs} or .npz, "
+                             f"not {path}")
+        if path.endswith(".mp4") and importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); a .gif needs nothing")
+
+    def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
+        (save_gif if path.endswith(".gif") else save_mp4)(path, images, nrow=ncol, scale=scale)
+
+
+class TextRun(ImageRun):
+    """An MMDiT or PixArtDiT: a grid's columns are prompts (default: up to 10 of the training captions),
+    encoded with the run's text encoder and sampled like classes."""
+    name = "text"
+    guided = False
+    models = saved = (MMDiT, PixArtDiT)
+
+    def columns(self, run: LoadedRun, classes: list[int] | None,
+                prompts: list[str] | None) -> tuple[Model, list[int]]:
+        if classes is not None:
+            raise ValueError("a text-to-image model takes --prompt TEXT [TEXT ...], not --class")
+        if not prompts:
+            prompts = [run.class_names[i] for i in shown_classes(len(run.class_names))]
+        return self.prompt_model(run, prompts), list(range(len(prompts)))
+
+    def prompt_model(self, run: LoadedRun, prompts: list[str]) -> PromptTable:
+        from ditkit.text import load_text_encoder
+
+        return PromptTable.encode(run.model, load_text_encoder(**run.info["text_encoder"]), prompts)
+
+    def edit_condition(self, run: LoadedRun, class_label: int | None, prompt: str | None, n: int,
+                       image: Tensor) -> tuple[Model, Tensor | None]:
+        if class_label is not None or prompt is None:
+            raise ValueError("a text-to-image run takes --prompt TEXT, a class-conditional one --class K")
+        return self.prompt_model(run, [prompt]), torch.zeros(n, dtype=torch.long, device=run.device)
+
+    def labelled(self, run: LoadedRun) -> bool:
+        return True
+
+
+class ControlRun(ImageRun):
+    """A control branch on the base run it was trained on: generate() takes one condition image per
+    column, edit() follows its input image's structure."""
+    name = "control"
+    guided = False
+    models = (ControlDiT,)
+    saved = (ControlBranch,)
+
+    def load_model(self, path: Path, weights: str, model_type: str | None, info: dict[str, Any],
+                   device: Device) -> nn.Module:
+        """The branch on its base model (the base checkpoint's EMA weights), named in run.json."""
+        base_dir = info.get("base_checkpoint")
+        if base_dir is None or not Path(base_dir).is_dir():
+            raise FileNotFoundError(f"control run {path} needs its base model, recorded in run.json as "
+                                    f"{base_dir}, which is not there")
+        base_dir = ckpt.resolve_checkpoint(base_dir)
+        base = IMAGE.load_model(base_dir, ckpt.weights_file(base_dir, ema=True), None, {}, device)
+        return ControlDiT(base, ControlBranch.from_pretrained(path, weights_name=weights)).to(device).eval()
+
+    def conditioned(self, run: LoadedRun, model: Model, condition: Tensor | None, columns: int,
+                    n_per_class: int) -> Model:
+        if condition is None:
+            raise ValueError("this is a control run: it samples from a condition image, use edit(image) "
+                             "(ditkit edit --ckpt RUN --image IMAGE --out OUT.png)")
+        if len(condition) != columns:
+            raise ValueError(f"condition images are for control runs, one per class ({columns})")
+        cond = make_condition(run.model.condition, condition.to(run.device))
+        return model.bind(cond.repeat(n_per_class, *([1] * (cond.ndim - 1))))
+
+    def edit_condition(self, run: LoadedRun, class_label: int | None, prompt: str | None, n: int,
+                       image: Tensor) -> tuple[Model, Tensor | None]:
+        model, y = super().edit_condition(run, class_label, prompt, n, image)
+        return model.bind(make_condition(model.condition, image)), y  # the structure of the input image
+
+    def edit_style(self, run: LoadedRun, masked: bool) -> tuple[float, str]:
+        return 1.0, "inpainted" if masked else f"{run.model.condition}-controlled"
+
+
+KINDS = (ControlRun(), VideoRun(), TextRun())
+IMAGE = ImageRun()  # the kind of every other model
+
+
+def kind_of(model: nn.Module) -> ImageRun:
+    """The kind of run that `model` samples as."""
+    return next((kind for kind in KINDS if isinstance(model, kind.models)), IMAGE)
+
+
+def saved_kind(model_type: str | None) -> ImageRun:
+    """The kind of run whose checkpoint's config.json names the class `model_type` (None: a DiT)."""
+    return next((kind for kind in KINDS if model_type in {c.__name__ for c in kind.saved}), IMAGE)
+
+
+def load_guide(run_dir: str | os.PathLike, device: Device = "cpu") -> DiT | None:
+    """The autoguidance model a run keeps in RUN/guide (its EMA weights at sample_guide_step), or None."""
+    path = Path(run_dir) / GUIDE_DIR
+    if not (path / "config.json").is_file():
+        return None
+    return DiT.from_pretrained(path).to(device).eval()

@@ -64,7 +64,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         given["guide_model"] = Pipeline.load(args.guide_ckpt, device=pipe.device).model
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
     samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
-                            frames=args.frames, **{**preset, **given})
+                            frames=args.frames, first_frame=args.first_frame, extend=args.extend,
+                            frame_conditioning=args.frame_conditioning, **{**preset, **given})
+    for note in samples.notes:
+        print(f"note: {note}")
     pipe.save(samples, args.out)
     print(f"sampling: {describe(samples.settings)}")
     print(f"wrote {len(samples.images)} samples to {args.out}")
@@ -264,7 +267,16 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper", action="store_true", help="the original DiT sample.py: 250 DDPM steps, CFG 4.0 on "
                    "3 channels (and its 8 ImageNet classes for a 1000-class model)")
     p.add_argument("--vae", help="diffusers AutoencoderKL directory that decodes latents (default: the run's)")
-    p.add_argument("--frames", type=int, help="frames per clip, video models (default: the frames trained on)")
+    p.add_argument("--frames", type=int, help="frames per clip, video models (default: the frames trained on; more "
+                   "are drawn by extension on a run trained with frame conditioning, context_share)")
+    p.add_argument("--first-frame", metavar="IMAGE", help="video models: every clip starts with this image, kept "
+                   "exactly (image-to-video)")
+    p.add_argument("--extend", action=argparse.BooleanOptionalAction, default=None, help="video models: draw "
+                   "--frames window by window, each conditioned on the last frames of the one before (default: "
+                   "when --frames is more than the trained frames and the run was trained with context_share)")
+    p.add_argument("--frame-conditioning", choices=["trained", "inpaint"], help="video models: how given frames "
+                   "are kept: trained (fed at t = 0; runs trained with context_share) or inpaint (training-free "
+                   "RePaint); default: trained where the run was")
 
 
 def add_edit_flags(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditkit.data import VIDEO_SOURCES
 from ditkit.data.conditions import check_condition
 from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.models.dit import MLPS
@@ -61,6 +62,12 @@ class VideoConfig:
     """Video data builds a VideoDiT from the model fields and these (a window goes in model_args)."""
     patch_t: int = identity(1)                   # frames per spacetime patch
     attention: str = identity("full")            # "full" | "factorized" (spatial/temporal) | "windowed"
+    init_image: str | None = identity(None)      # an image DiT run or checkpoint to start from (its spatial
+    #                                              weights; temporal blocks start as the identity): docs/video.md
+    context_share: float = identity(0.0)         # frame conditioning: the share of training clips whose first
+    #                                              context_frames frames are given clean (t = 0, no loss), for
+    #                                              image-to-video and longer clips by extension (docs/video.md)
+    context_frames: int = identity(1)            # frames given in those clips; a multiple of patch_t (whole tubelets)
 
 
 @dataclass
@@ -471,6 +478,42 @@ def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
         raise ValueError(f"{key} must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
 
 
+def validate_video(c: TrainConfig) -> None:
+    """The video-only settings: init_image needs clip data and an existing run or checkpoint directory."""
+    if c.init_image is None:
+        return
+    if c.data not in VIDEO_SOURCES or c.control is not None:
+        raise ValueError(f"init_image starts a video model from an image run: it needs video data (data: "
+                         f"{' or '.join(VIDEO_SOURCES)}) and no control; got data={c.data!r}"
+                         + (f", control={c.control}" if c.control else ""))
+    if not Path(c.init_image).is_dir():
+        raise FileNotFoundError(f"init_image={c.init_image}: no such run or checkpoint directory (a path from the "
+                                f"current directory)")
+
+
+def validate_context(c: TrainConfig) -> None:
+    """Frame conditioning (context_share, context_frames): flow-matching video runs, whole tubelets, and
+    frames left to generate."""
+    if not 0.0 <= c.context_share <= 1.0:
+        raise ValueError(f"context_share must be in [0, 1] (the share of training clips with given first frames), "
+                         f"got {c.context_share}")
+    if c.context_frames < 1:
+        raise ValueError(f"context_frames must be >= 1, got {c.context_frames}")
+    if not c.context_share:
+        return
+    if c.data not in VIDEO_SOURCES or c.objective != "flow":
+        raise ValueError(f"context_share trains frame conditioning of a video model: it needs video data (data: "
+                         f"{' or '.join(VIDEO_SOURCES)}) and objective=flow; got data={c.data!r}, "
+                         f"objective={c.objective!r}")
+    if c.context_frames % c.patch_t:
+        raise ValueError(f"context_frames={c.context_frames} with patch_t={c.patch_t}: a tubelet of patch_t frames "
+                         f"has one time, so the given frames must fill whole tubelets; set context_frames to a "
+                         f"multiple of {c.patch_t}")
+    if c.frames is not None and c.context_frames >= c.frames:
+        raise ValueError(f"context_frames={c.context_frames} leaves nothing to generate in clips of frames="
+                         f"{c.frames}: give fewer frames")
+
+
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     choices = {"objective": ("flow", "ddpm", *ONE_STEP), "precision": ("fp32", "bf16", "fp16"),
@@ -504,6 +547,8 @@ def validate(c: TrainConfig) -> None:
     elif c.base_minutes is not None and c.base is None:
         raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
     validate_one_step(c)
+    validate_video(c)
+    validate_context(c)
     if c.control is None and c.base is not None and c.objective not in ONE_STEP:
         raise ValueError("base=RUN_DIR goes with control=edges|lowres, or with objective=meanflow or distill (a "
                          "one-step model from a flow run)")

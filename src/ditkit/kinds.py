@@ -2,8 +2,8 @@
 reads the same for every kind (the trainer's counterpart is `ditkit.train.kinds`).
 
 A kind owns: loading its model from a checkpoint directory, what a grid's columns are (classes or prompts),
-the condition that samples and edits follow, a sample's dimensions between channels and (H, W), and the
-files its samples are written to.
+the condition that samples and edits follow, a sample's dimensions between channels and (H, W), how a clip's
+frames are drawn (given first frames, extension window by window), and the files its samples are written to.
 
     ImageRun     a DiT on pixels or VAE latents, class-conditional or not (any other model samples as one too)
     VideoRun     a VideoDiT: samples are clips (N, C, F, H, W), written as .gif or .mp4
@@ -23,12 +23,16 @@ from torch import Tensor, nn
 from ditkit import checkpoint as ckpt
 from ditkit.data.conditions import make_condition
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
+from ditkit.diffusion.flow import FlowMatching
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlBranch, ControlDiT
-from ditkit.sampling.editing import DEFAULT_STRENGTH
+from ditkit.models.video import GivenFrames
+from ditkit.sampling import Editing, sample, sampling_schedule
+from ditkit.sampling.editing import DEFAULT_STRENGTH, noised_to_level
 from ditkit.text.prompts import PromptTable
 
 GUIDE_DIR = "guide"  # a run's autoguidance model (its EMA weights at sample_guide_step), beside checkpoints/
+FRAME_CONDITIONINGS = ("trained", "inpaint")  # how a video run is given frames (see VideoRun.frame_plan)
 Model = Any  # what is sampled: the run's model, a PromptTable on it, or a ControlDiT bound to a condition
 Device = str | torch.device
 
@@ -100,6 +104,16 @@ class ImageRun:
             raise ValueError(f"frames applies to video runs only (this is {article} {self.name} run)")
         return []
 
+    def frame_plan(self, run: LoadedRun, given: Tensor | None, frames: int | None, extend: bool | None,
+                   conditioning: str | None, notes: list[str]) -> dict[str, Any] | None:
+        """How generate() draws a clip's frames (`sample_frames`' arguments), or None for one plain draw;
+        given frames and extension are for video runs."""
+        if given is not None or extend or conditioning is not None:
+            article = "an" if self.name[0] in "aeiou" else "a"
+            raise ValueError(f"a first frame (--first-frame), --extend and --frame-conditioning apply to video runs "
+                             f"only (this is {article} {self.name} run)")
+        return None
+
     def edit_condition(self, run: LoadedRun, class_label: int | None, prompt: str | None, n: int,
                        image: Tensor) -> tuple[Model, Tensor | None]:
         """The model an edit samples and its labels (None: unconditional) for `n` edits of `image`."""
@@ -160,6 +174,56 @@ class VideoRun(ImageRun):
 
     def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
         (save_gif if path.endswith(".gif") else save_mp4)(path, images, nrow=ncol, scale=scale)
+
+    def frame_plan(self, run: LoadedRun, given: Tensor | None, frames: int | None, extend: bool | None,
+                   conditioning: str | None, notes: list[str]) -> dict[str, Any] | None:
+        """Given first frames (n, C, k, H, W) and clips longer than the trained window, drawn window by window.
+
+        conditioning "trained": the given frames at t = 0 (a run trained with context_share); "inpaint": the
+        training-free form, RePaint on the frames after them; None: trained where the run was and the given
+        frames fill whole tubelets, else inpaint (noted). extend None: when more frames are asked for than
+        the run was trained on and it was trained with frame conditioning (inpaint otherwise on request)."""
+        model, config = run.model, run.info.get("train_config", {})
+        window, pt, total = model.num_frames, model.patch_t, frames or model.num_frames
+        trained = bool(config.get("context_share"))
+        if conditioning not in (None, *FRAME_CONDITIONINGS):
+            raise ValueError(f"frame_conditioning must be one of {', '.join(FRAME_CONDITIONINGS)}, "
+                             f"got {conditioning!r}")
+        if conditioning == "trained" and not trained:
+            raise ValueError("frame_conditioning 'trained' needs a run trained with frame conditioning "
+                             "(context_share > 0 in its config, e.g. context_share=0.5); this run was not: use "
+                             "'inpaint' (training-free) or train with context_share")
+        if extend is None:
+            extend = total > window and (trained or conditioning == "inpaint")
+            if total > window and not extend:
+                notes.append(f"{total} frames drawn in one window (this run was trained on {window}-frame clips "
+                             f"without frame conditioning, context_share, so it cannot extend them)")
+        elif extend and not trained and conditioning != "inpaint":
+            raise ValueError("extending a clip conditions each window on the last frames of the one before: this "
+                             "run was not trained with frame conditioning (set context_share, e.g. "
+                             "context_share=0.5, in its config), or ask for the training-free form with "
+                             "frame conditioning 'inpaint'")
+        span = window if extend else total
+        if span % pt:
+            notes.append(f"{span} frames is not a multiple of patch_t={pt}: the last tubelet is padded by "
+                         f"repeating the last frame, and the clip cut back")
+        if given is None and not extend:
+            return None
+        k = 0 if given is None else given.shape[2]
+        mode = conditioning or ("trained" if trained and k % pt == 0 else "inpaint")
+        if conditioning is None and given is not None and mode == "inpaint":
+            notes.append("the first frame is kept by inpainting the others (training-free): "
+                         + (f"a tubelet holds {pt} frames and one is given" if trained else
+                            "this run was not trained with frame conditioning (context_share)"))
+        if k >= span:
+            raise ValueError(f"{k} given frame(s) leave nothing to generate in {span} frames: ask for more frames")
+        if mode == "trained" and k % pt:
+            raise ValueError(f"{k} given frame(s) with patch_t={pt}: the trained form gives whole tubelets of {pt} "
+                             f"frames; give {pt} frames or use frame conditioning 'inpaint'")
+        overlap = int(config.get("context_frames", 1)) if trained else max(1, window // 2)
+        if extend and not 0 < overlap < window:
+            raise ValueError(f"extension needs windows of more than {overlap} frames; this run's are {window}")
+        return {"given": given, "window": span, "overlap": overlap, "conditioning": mode}
 
 
 class TextRun(ImageRun):
@@ -250,3 +314,61 @@ def load_guide(run_dir: str | os.PathLike, device: Device = "cpu") -> DiT | None
     if not (path / "config.json").is_file():
         return None
     return DiT.from_pretrained(path).to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Clips from given frames: image-to-video and extension, window by window
+# ------------------------------------------------------------------------------------------------
+
+def _noised(schedule: Any, steps: int, shift: float | None, frames: Tensor, level: int, noise: Tensor) -> Tensor:
+    """`frames` as the sampling state at `level` holds them (the flow grid shifted as sampling shifts it)."""
+    if isinstance(schedule, FlowMatching) and level < steps:
+        return schedule.q_sample(frames, schedule.timesteps(steps, shift)[level].reshape(1), noise)
+    return noised_to_level(schedule, steps, frames, level, noise)
+
+
+def sample_window(model: Model, objective: Any, shape: tuple[int, ...], given: Tensor | None, conditioning: str,
+                  y: Tensor | None, generator: torch.Generator | None, **options: Any) -> Tensor:
+    """One clip of `shape` (N, C, F, H, W) whose first k frames are `given` (N, C, k, H, W), kept exactly:
+    "trained" feeds them clean at t = 0 (`GivenFrames`), "inpaint" replaces them after every step by
+    themselves noised to the level reached (RePaint's known region). `options`: `ditkit.sample()`'s."""
+    if given is None:
+        return sample(model, objective, shape, y=y, generator=generator, **options)
+    k = given.shape[2]
+    if conditioning == "trained":
+        def keep(x: Tensor, level: int) -> Tensor:
+            return torch.cat([given.to(x), x[:, :, k:]], dim=2)
+
+        return sample(GivenFrames(model, given), objective, shape, y=y, generator=generator,
+                      editing=Editing(step_hook=keep), **options)
+    _, schedule, n = sampling_schedule(objective, options.get("sampler"), options.get("steps"), options.get("shift"))
+
+    def keep_noised(x: Tensor, level: int) -> Tensor:
+        noise = torch.randn(given.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.cat([_noised(schedule, n, options.get("shift"), given.to(x), level, noise), x[:, :, k:]], dim=2)
+
+    return sample(model, objective, shape, y=y, generator=generator, editing=Editing(step_hook=keep_noised),
+                  **options)
+
+
+def sample_frames(model: Model, objective: Any, shape: tuple[int, ...], *, given: Tensor | None, window: int,
+                  overlap: int, conditioning: str, y: Tensor | None = None, generator: torch.Generator | None = None,
+                  **options: Any) -> list[Tensor]:
+    """The windows of `window` frames that make a clip of shape[2] frames: the first starts from the `given`
+    frames (or none), each next one is conditioned on the last `overlap` frames of the one before, which it
+    keeps exactly (`join_windows` puts them together)."""
+    N, C, total, H, W = shape
+    windows = [sample_window(model, objective, (N, C, window, H, W), given, conditioning, y, generator, **options)]
+    done = window
+    while done < total:
+        context = windows[-1][:, :, -overlap:]
+        windows.append(sample_window(model, objective, (N, C, window, H, W), context, conditioning, y, generator,
+                                     **options))
+        done += window - overlap
+    return windows
+
+
+def join_windows(windows: list[Tensor], overlap: int, frames: int) -> Tensor:
+    """The clip of `frames` frames that `sample_frames`' windows make (each next window's first `overlap`
+    frames are the last of the one before)."""
+    return torch.cat([windows[0], *(w[:, :, overlap:] for w in windows[1:])], dim=2)[:, :, :frames]

@@ -11,7 +11,6 @@ Importing this module imports no training code.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from ditkit.diffusion import FLOW_TIME_SCALE, GaussianDiffusion, build_objective
 from ditkit.sampling.editing import edit, read_image, read_mask
 from ditkit.io import atomic_path, check_writable
 from ditkit.interop.official import PAPER_CLASSES, PAPER_SAMPLING
-from ditkit.kinds import ImageRun, kind_of, load_guide, saved_kind
+from ditkit.kinds import ImageRun, join_windows, kind_of, load_guide, sample_frames, saved_kind
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
 from ditkit.models.control import ControlDiT
 from ditkit.text.prompts import PromptTable
@@ -167,28 +166,54 @@ class Pipeline:
     def generate(self, classes: list[int] | None = None, prompts: list[str] | None = None, n_per_class: int = 1,
                  sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
                  cfg_interval: tuple[float, float] | None = None, seed: int = 0, frames: int | None = None,
-                 progress: bool = True, callback: Preview | None = None, half: bool = False,
-                 condition: Tensor | None = None, **options: Any) -> Samples:
+                 progress: bool = True, callback: Preview | None = None,
+                 condition: Tensor | None = None, first_frame: str | os.PathLike | Tensor | None = None,
+                 extend: bool | None = None, frame_conditioning: str | None = None, **options: Any) -> Samples:
         """`n_per_class` samples of each class (default: all) or prompt (text runs; default: up to 10 of the
-        training captions), one seeded generator; None settings are the run's. `half`: float16 autocast
-        (CUDA). `condition` (control runs): one image per column (K, C, H, W) in [-1, 1] whose structure
-        the samples follow. `options`: further `ditkit.sample()` keywords (e.g. guided_channels)."""
+        training captions), one seeded generator; None settings are the run's. `condition` (control runs):
+        one image per column (K, C, H, W) in [-1, 1] whose structure the samples follow. `options`: further
+        `ditkit.sample()` keywords (e.g. guided_channels, precision="fp16" on a CUDA GPU).
+        Video runs: `first_frame` (an image file, (C, H, W) or (1, C, H, W) in [-1, 1], or the first k frames
+        (1, C, k, H, W)) starts every clip, kept exactly; `frames` beyond the trained window are drawn by
+        extension (`extend`), each window conditioned on the last frames of the one before; `frame_conditioning`
+        "trained" | "inpaint" (None: as the run allows; see `ditkit.kinds.VideoRun.frame_plan`)."""
         if n_per_class < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-        if half and self.device.type != "cuda":
-            raise ValueError("half precision samples in float16 on a CUDA GPU, and none is available")
         model, columns = self._kind.columns(self, classes, prompts)
         model = self._kind.conditioned(self, model, condition, len(columns), n_per_class)
         clip = self._kind.clip(self, frames)  # clips are (N, C, F, H, W)
+        notes: list[str] = []
+        given = self._first_frames(first_frame, notes) if first_frame is not None and clip else first_frame
+        plan = self._kind.frame_plan(self, given, frames, extend, frame_conditioning, notes)
         s = self.settings(sampler=sampler, steps=steps, cfg=cfg, cfg_interval=cfg_interval, **options)
         y = torch.tensor(columns, device=self.device).repeat(n_per_class)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
-            raw = sample(model, self.objective, (len(y), self.channels, *clip, *self.image_size), y=y,
-                         generator=generator, progress=progress, callback=self._previews(callback),
-                         **self.sample_kwargs(s))
+        shape, kwargs = (len(y), self.channels, *clip, *self.image_size), self.sample_kwargs(s)
+        if plan is None:
+            raw = sample(model, self.objective, shape, y=y, generator=generator, progress=progress,
+                         callback=self._previews(callback), **kwargs)
+        else:
+            if plan["given"] is not None:
+                plan["given"] = plan["given"].to(self.device).expand(len(y), -1, -1, -1, -1)
+            windows = sample_frames(model, self.objective, shape, y=y, generator=generator, progress=progress,
+                                    callback=self._previews(callback), **kwargs, **plan)
+            raw = join_windows(windows, plan["overlap"], shape[2])
+            s = {**s, "frame_conditioning": plan["conditioning"]}
         images = raw.float().cpu() if self.latents_only else self.decode(raw).cpu()
-        return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only)
+        return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only, notes=notes)
+
+    def _first_frames(self, first: str | os.PathLike | Tensor, notes: list[str]) -> Tensor:
+        """(1, C, k, H, W) in [-1, 1] from an image (a file, (C, H, W) or (1, C, H, W)) or k frames (1, C, k, H, W):
+        each frame fitted as `edit` fits its image (grey <-> colour converted, another size resized, noted once)."""
+        if not isinstance(first, Tensor):
+            first = read_image(first)
+        if first.ndim == 5 and first.shape[0] != 1:
+            raise ValueError(f"first frames must be one clip's, (1, C, k, H, W), got shape {tuple(first.shape)}")
+        frames = list(first[0].unbind(1)) if first.ndim == 5 else [first]
+        seen: list[str] = []
+        fitted = [self._fit_image(frame.float(), seen) for frame in frames]
+        notes.extend(dict.fromkeys(seen))
+        return torch.stack(fitted, dim=2)  # (1, C, k, H, W)
 
     # ---- edit ----------------------------------------------------------------------------------
     def edit(self, image: str | os.PathLike | Tensor, mask: str | os.PathLike | Tensor | None = None,

@@ -64,7 +64,8 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     - "shapes": captioned RGB images ("a red square at the top left"), 3 x 32 x 32 by default, generated
       from `seed`; options n (6000) and max_objects (1: one object per image; up to 4).
     - "moving_mnist": clips 1 x `frames` (8) x 32 x 32 of MNIST digits moving, generated from `seed`
-      (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed, ...).
+      (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed,
+      digit_size, start).
     Only MNIST has a held-out split: other sources accept split "train" or "all" (the same data).
     `unconditional=True` keeps the images and makes them one class (label 0, `conditional=False`).
     """

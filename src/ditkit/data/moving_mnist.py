@@ -5,8 +5,10 @@ from a seed; nothing is downloaded.
 Motion: "bounce" draws a random direction per clip; "class" moves every digit k along a fixed
 direction, DIRECTIONS[k % 4] (right, down, left, up), so the class label also fixes the motion;
 "label" draws one of the four directions per clip and makes it part of the label (digit * 4 + direction,
-40 classes named like "3-left"). In "class" and "label" clips the start is drawn so that the digit
-does not reach an edge within the clip whenever the frame has room for that.
+40 classes named like "3-left"). In "class" and "label" clips the start is, with `start` "inside", drawn so
+that the digit does not reach an edge within the clip whenever the frame has room for that; with "anywhere"
+it is drawn anywhere in the frame, so that many clips show the digit hitting a wall and bouncing back (what a
+model must see to continue a clip past a wall).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from ditkit.data.mnist import SPLITS, _raw, heldout_mask
 MOTIONS = ("bounce", "class", "label")
 DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (rows, columns) per frame: right, down, left, up
 DIRECTION_NAMES = ("right", "down", "left", "up")
-OPTIONS = ("n_clips", "num_digits", "motion", "speed", "digit_size")  # what a config may set (data_args)
+STARTS = ("inside", "anywhere")
+OPTIONS = ("n_clips", "num_digits", "motion", "speed", "digit_size", "start")  # what a config may set (data_args)
 
 
 @dataclass
@@ -66,18 +69,43 @@ def _digits(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
     return digits[:, 0].numpy(), labels
 
 
+def _path(rng: np.random.RandomState, direction: int | None, speed: float, room: int, frames: int,
+          start: str) -> np.ndarray:
+    """One digit's (frames, 2) integer top-left corners: a random direction (direction None) from anywhere,
+    or DIRECTIONS[direction] from a start drawn as `start` says (see the module docstring)."""
+    if direction is None:
+        angle = rng.uniform(0, 2 * np.pi)
+        velocity = speed * np.array([np.sin(angle), np.cos(angle)])
+        origin = rng.uniform(0, room, size=2)
+    else:
+        velocity = speed * np.array(DIRECTIONS[direction], np.float64)
+        origin = rng.uniform(0, room, size=2)
+        travel = speed * (frames - 1)
+        if start == "inside" and travel <= room:  # room to move straight: start where the path stays inside
+            axis = 0 if velocity[0] else 1
+            sign = np.sign(velocity[axis])
+            origin[axis] = rng.uniform(0, room - travel) + (travel if sign < 0 else 0)
+    steps = np.arange(frames, dtype=np.float64)
+    return np.rint(_reflect(origin[None] + steps[:, None] * velocity[None], room)).astype(int)
+
+
 def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32, num_digits: int = 1,
                       motion: str = "bounce", speed: float | None = None, digit_size: int | None = None,
-                      split: str = "train", seed: int = 0) -> VideoDataset:
+                      split: str = "train", seed: int = 0, start: str = "inside") -> VideoDataset:
     """`n_clips` clips (N, 1, frames, image_size, image_size) in [-1, 1]; label = the digit (see `motion`).
 
     digit_size: the side digits are resized to (default 7/16 of the frame: 28 px in 64, 14 px in 32).
     speed: pixels per frame (default image_size / 16). With two digits, both are (different) images of
     the clip's class and move independently; overlaps keep the brighter pixel. Digits come from the
-    MNIST-5k `split` ("train", "heldout" or "all", as `load_mnist`).
+    MNIST-5k `split` ("train", "heldout" or "all", as `load_mnist`). start: "inside" or "anywhere", where
+    "class" and "label" clips start (see the module docstring; "bounce" clips always start anywhere).
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}: expected one of {', '.join(MOTIONS)}")
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}: expected one of {', '.join(STARTS)}")
+    if start != "inside" and motion == "bounce":
+        raise ValueError(f"start={start} is for motion class or label: bounce clips always start anywhere")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     digit_size = digit_size or max(1, image_size * 7 // 16)
@@ -89,8 +117,6 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
 
     rng = np.random.RandomState(seed)  # frozen stream across numpy versions (NEP 19)
     room = image_size - digit_size
-    travel = speed * (frames - 1)
-    steps = np.arange(frames, dtype=np.float64)
     clips = np.zeros((n_clips, frames, image_size, image_size), np.float32)
     clip_labels = np.zeros(n_clips, np.int64)
     by_class = [np.flatnonzero(labels == k) for k in range(10)]
@@ -101,19 +127,7 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
         direction = k % 4 if motion == "class" else rng.randint(4) if motion == "label" else None
         clip_labels[n] = k * 4 + direction if motion == "label" else k
         for index in chosen:
-            if direction is None:
-                angle = rng.uniform(0, 2 * np.pi)
-                velocity = speed * np.array([np.sin(angle), np.cos(angle)])
-                start = rng.uniform(0, room, size=2)
-            else:
-                velocity = speed * np.array(DIRECTIONS[direction], np.float64)
-                start = rng.uniform(0, room, size=2)
-                if travel <= room:  # room to move straight: start where the path stays inside
-                    axis = 0 if velocity[0] else 1
-                    sign = np.sign(velocity[axis])
-                    start[axis] = rng.uniform(0, room - travel) + (travel if sign < 0 else 0)
-            path = np.rint(_reflect(start[None] + steps[:, None] * velocity[None], room)).astype(int)  # (F, 2)
-            for f, (r, c) in enumerate(path):
+            for f, (r, c) in enumerate(_path(rng, direction, speed, room, frames, start)):
                 window = clips[n, f, r:r + digit_size, c:c + digit_size]
                 np.maximum(window, digits[index], out=window)
     names = ([f"{k}-{d}" for k in range(10) for d in DIRECTION_NAMES] if motion == "label"

@@ -113,14 +113,25 @@ class FlowMatching:
         return out[:, : x.shape[1]]
 
     def training_losses(self, model: Model, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
-                        noise: Tensor | None = None) -> dict[str, Tensor]:
+                        noise: Tensor | None = None, given: Tensor | None = None) -> dict[str, Tensor]:
         """Per-sample losses {"loss", "mse"} (+ "cosine" with a cosine_weight): mse = |(noise - x0) - v(x_t, t)|^2
-        averaged per sample, loss = loss_weight(t) * mse + cosine_weight * (1 - cos(v, noise - x0))."""
+        averaged per sample, loss = loss_weight(t) * mse + cosine_weight * (1 - cos(v, noise - x0)).
+
+        given: for clips (N, C, F, H, W), an (N, F) bool mask of frames given clean (frame conditioning): they
+        enter x_t as x0, the model is called with a per-frame time (N, F) that is 0 on them, and the losses
+        average over the other frames only."""
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        target, pred = noise - x_start, self.velocity(model, x_t, t, model_kwargs)
-        mse = mean_flat((target - pred) ** 2)
+        keep = None
+        if given is not None:
+            x_t, t_model, keep = self._given_frames(x_start, x_t, t, given)
+        target, pred = noise - x_start, self.velocity(model, x_t, t if keep is None else t_model, model_kwargs)
+        if keep is None:
+            mse = mean_flat((target - pred) ** 2)
+        else:
+            target, pred = target * keep, pred * keep
+            mse = ((target - pred) ** 2).flatten(1).sum(1) / keep.expand_as(x_start).flatten(1).sum(1).clamp(min=1)
         loss = mse if self.loss_weight is None else self.loss_weight(t).to(mse) * mse
         out = {"loss": loss, "mse": mse}
         if self.cosine_weight:
@@ -128,6 +139,18 @@ class FlowMatching:
                                                                       target.flatten(1).float(), dim=1)
             out["loss"] = loss + self.cosine_weight * out["cosine"].to(loss)
         return out
+
+    @staticmethod
+    def _given_frames(x_start: Tensor, x_t: Tensor, t: Tensor, given: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t with the given frames clean, the per-frame time (N, F) that is 0 on them, the (N, 1, F, 1, 1)
+        weight that is 1 on the frames the loss covers)."""
+        if x_start.ndim != 5 or given.shape != (x_start.shape[0], x_start.shape[2]) or given.dtype != torch.bool:
+            raise ValueError(f"given must be an (N, F) bool mask of the clips' frames (clips (N, C, F, H, W)); got "
+                             f"{tuple(given.shape)} {given.dtype} for x0 of shape {tuple(x_start.shape)}")
+        given = given.to(x_start.device)
+        frames = given[:, None, :, None, None]
+        t_frames = t.to(x_start.device)[:, None].expand(given.shape).masked_fill(given, 0)
+        return torch.where(frames, x_start, x_t), t_frames, (~frames).to(x_start.dtype)
 
     # ---- sampling ------------------------------------------------------------------------------
     def timesteps(self, steps: int, shift: float | None = None) -> Tensor:

@@ -82,6 +82,19 @@ def sincos_3d(embed_dim: int, grid_size: tuple[int, int, int]) -> np.ndarray:
     return emb
 
 
+def sincos_image_frame(embed_dim: int, grid_size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions for an (f, h, w) spacetime token grid as an image model places each frame: (spatial, frame),
+    each (f * h * w, embed_dim) float32 in (frame, row, column) order. `spatial` is the image DiT's 2D table
+    (`sincos_2d` over all channels) on every frame; `frame` the 1D code of the frame index over all channels,
+    to be added with a learned weight (so a model started from an image DiT can begin with it at zero)."""
+    if embed_dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    f, h, w = (int(s) for s in grid_size)
+    spatial = np.tile(sincos_2d(embed_dim, (h, w)), (f, 1))
+    frame = sincos_1d(embed_dim, np.arange(f, dtype=np.float32)).astype(np.float32)  # (f, D)
+    return spatial, np.repeat(frame, h * w, axis=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Embedders
 # --------------------------------------------------------------------------------------------

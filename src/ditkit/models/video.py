@@ -16,22 +16,57 @@ Text conditioning (cross-attention) waits for `ditkit.text`; this model is class
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ditkit.models.dit import DiTBlock, FinalLayer
-from ditkit.models.layers import Attention, LabelEmbedder, TimestepEmbedder, modulate, sincos_3d, to_2tuple
+from ditkit.models.layers import (
+    Attention,
+    LabelEmbedder,
+    TimestepEmbedder,
+    sincos_3d,
+    sincos_image_frame,
+    to_2tuple,
+)
 from ditkit.models.pretrained import PretrainedMixin
 
 ATTENTIONS = ("full", "factorized", "windowed")
+POS_EMBEDS = ("sincos3d", "image+frame")
 Grid = tuple[int, int, int]
 
 
 @functools.lru_cache(maxsize=32)
 def _positions(hidden_size: int, grid: Grid) -> Tensor:
     return torch.from_numpy(sincos_3d(hidden_size, grid)).unsqueeze(0)  # (1, T, D)
+
+
+@functools.lru_cache(maxsize=32)
+def _image_frame_positions(hidden_size: int, grid: Grid) -> tuple[Tensor, Tensor]:
+    spatial, frame = sincos_image_frame(hidden_size, grid)
+    return torch.from_numpy(spatial).unsqueeze(0), torch.from_numpy(frame).unsqueeze(0)  # (1, T, D) each
+
+
+def _check_video_args(size: tuple[int, int], patch_size: int, patch_t: int, num_frames: int, num_classes: int,
+                      hidden_size: int, attention: str, window: tuple[int, ...], pos_embed: str) -> None:
+    """One ValueError naming the first bad VideoDiT argument."""
+    H, W = size
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"unknown pos_embed {pos_embed!r}: expected one of {', '.join(POS_EMBEDS)}")
+    if len(window) != 3 or min(window) < 1:
+        raise ValueError(f"window must be 3 positive sizes (frames, rows, columns) in tokens, got {window}")
+    if min(patch_size, patch_t, num_frames) < 1 or H % patch_size or W % patch_size:
+        raise ValueError(f"need positive patch sizes and frames, and input_size {(H, W)} divisible by "
+                         f"patch_size {patch_size}; got patch_t {patch_t}, num_frames {num_frames}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
+    if hidden_size % (16 if pos_embed == "sincos3d" else 4):
+        raise ValueError(f"hidden_size must be divisible by {16 if pos_embed == 'sincos3d' else 4} "
+                         f"({pos_embed} positions), got {hidden_size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,15 +107,26 @@ def window_attention(attn: Attention, x: Tensor, grid: Grid, window: Grid, shift
     return x
 
 
+def per_token(m: Tensor, tokens: int) -> Tensor:
+    """A modulation for `tokens` tokens in (frame, row, column) order: (N, D) -> (N, 1, D), shared by all of
+    a clip's tokens; per frame group (N, f, D) -> (N, tokens, D), each group's row on its own tokens."""
+    if m.ndim == 2:
+        return m.unsqueeze(1)
+    N, f, D = m.shape
+    return m.unsqueeze(2).expand(N, f, tokens // f, D).reshape(N, tokens, D)
+
+
 class SpaceTimeBlock(DiTBlock):
     """DiT's adaLN-Zero block whose self-attention runs within boxes of the spacetime token grid.
-    The modulation and MLP act per token, so they are unchanged (and so are the parameter names)."""
+    The modulation and MLP act per token, so they are unchanged (and so are the parameter names); the
+    condition c is one (N, D) row per clip or one (N, f, D) row per frame group of tokens (per-frame times)."""
 
     def forward(self, x: Tensor, c: Tensor, grid: Grid, window: Grid, shift: Grid) -> Tensor:  # x (N, T, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * window_attention(self.attn, h, grid, window, shift)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        mods = (per_token(m, x.shape[1]) for m in self.adaLN_modulation(c).chunk(6, dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # modulate(), with the modulation per token
+        x = x + gate_msa * window_attention(self.attn, h, grid, window, shift)
+        x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
         return x
 
 
@@ -103,13 +149,21 @@ class TubeletEmbed(nn.Module):
 class VideoDiT(PretrainedMixin, nn.Module):
     """Diffusion Transformer over video, class-conditional.
 
-    `forward(x, t, y)`: x (N, C, F, H, W) noisy clips, t (N,) timesteps (0..1000 units), y (N,) labels in
-    0..num_classes-1 (num_classes = null label, when label dropout is enabled). Returns
+    `forward(x, t, y)`: x (N, C, F, H, W) noisy clips, t (N,) timesteps (0..1000 units) or (N, F), one per
+    frame, y (N,) labels in 0..num_classes-1 (num_classes = null label, when label dropout is enabled). A
+    per-frame t conditions on given frames (Wan 2.2's TI2V): a frame given clean has t = 0, and its tokens say
+    so through their own adaLN modulation (one condition per frame group of tokens); the frames of one
+    tubelet share a time, so given frames fill whole tubelets (the first patch_t frames, not the first alone).
+    A t whose frames all hold their clip's time computes exactly what that (N,) t does. Returns
     (N, out_channels, F, H, W). `input_size` and `num_frames` are the training shape (what sampling
     draws by default); any F >= 1 and any H, W divisible by `patch_size` are accepted. F = 1 is an image,
     so images and clips can be trained together; frames are padded to a multiple of `patch_t` by
     repeating the last one, and the output is cut back to F.
     `window`: the (frames, rows, columns) box of tokens of "windowed" attention, clipped to the grid.
+    `pos_embed`: "sincos3d" (fixed; 3/4 of the channels the 2D code of (row, column), 1/4 the frame's) or
+    "image+frame" (the image DiT's 2D table on every frame, plus the frame's 1D code times `frame_gate`, a
+    learned per-channel weight that starts at zero: a model inflated from an image DiT, `ditkit.models.inflate`,
+    then starts as that image model applied frame by frame).
     """
 
     def __init__(
@@ -128,27 +182,22 @@ class VideoDiT(PretrainedMixin, nn.Module):
         learn_sigma: bool = False,
         attention: str = "full",
         window: tuple[int, int, int] | list[int] = (2, 4, 4),
+        pos_embed: str = "sincos3d",
     ):
         super().__init__()
         H, W = to_2tuple(input_size)
         window = tuple(int(s) for s in window)
-        if attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
-        if len(window) != 3 or min(window) < 1:
-            raise ValueError(f"window must be 3 positive sizes (frames, rows, columns) in tokens, got {window}")
-        if min(patch_size, patch_t, num_frames) < 1 or H % patch_size or W % patch_size:
-            raise ValueError(f"need positive patch sizes and frames, and input_size {(H, W)} divisible by "
-                             f"patch_size {patch_size}; got patch_t {patch_t}, num_frames {num_frames}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
-        if hidden_size % 16:
-            raise ValueError(f"hidden_size must be divisible by 16 (3D sin-cos positions), got {hidden_size}")
+        _check_video_args((H, W), patch_size, patch_t, num_frames, num_classes, hidden_size, attention, window,
+                          pos_embed)
         self.config = dict(
             input_size=input_size if isinstance(input_size, int) else [H, W], num_frames=num_frames,
             patch_size=patch_size, patch_t=patch_t, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, attention=attention, window=list(window),
         )
+        if pos_embed != "sincos3d":  # listed only when set, so the default's config.json stays as it is
+            self.config["pos_embed"] = pos_embed
+        self.pos_embed = pos_embed
         self.input_size = (H, W)
         self.num_frames = num_frames
         self.patch_size, self.patch_t = patch_size, patch_t
@@ -166,6 +215,15 @@ class VideoDiT(PretrainedMixin, nn.Module):
         self.blocks = nn.ModuleList([SpaceTimeBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         # a p x p decoder with p_t * C channels is a p_t x p x p tubelet decoder (see `unpatchify`)
         self.final_layer = FinalLayer(hidden_size, patch_size, patch_t * self.out_channels)
+        self.frame_gate = nn.Parameter(torch.zeros(hidden_size)) if pos_embed == "image+frame" else None
+
+    def positions(self, grid: Grid, device: torch.device) -> Tensor:
+        """(1, f * h * w, D) positions of the token grid `grid` (see `pos_embed`)."""
+        dtype = self.x_embedder.proj.weight.dtype
+        if self.frame_gate is None:
+            return _positions(self.hidden_size, grid).to(device=device, dtype=dtype)
+        spatial, frame = (p.to(device=device, dtype=dtype) for p in _image_frame_positions(self.hidden_size, grid))
+        return spatial + frame * self.frame_gate.to(dtype)
 
     # ----------------------------------------------------------------------------------------
     def block_window(self, i: int, grid: Grid) -> tuple[Grid, Grid]:
@@ -200,9 +258,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
             if any(g % b for g, b in zip(grid, box)):
                 raise ValueError(f"the token grid {grid} (frames, rows, columns) is not divisible by the "
                                  f"attention window {box}: choose frames and sizes that are, or another window")
-        N = x.shape[0]
-        if t.shape != (N,) or y.shape != (N,):
-            raise ValueError(f"t and y must be 1-D with one entry per clip ({N}), "
+        N, F = x.shape[0], x.shape[2]
+        if t.shape not in ((N,), (N, F)) or y.shape != (N,):
+            raise ValueError(f"t must be ({N},) (one time per clip) or ({N}, {F}) (one per frame) and y ({N},), "
                              f"got {tuple(t.shape)} and {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
@@ -220,14 +278,76 @@ class VideoDiT(PretrainedMixin, nn.Module):
         if pad:
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
         grid = (x.shape[2] // self.patch_t, x.shape[3] // self.patch_size, x.shape[4] // self.patch_size)
-        pos = _positions(self.hidden_size, grid).to(device=x.device, dtype=self.x_embedder.proj.weight.dtype)
+        pos = self.positions(grid, x.device)
         x = self.x_embedder(x) + pos  # (N, T, D), T = f * h * w
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        t = self.group_times(t, frames)
+        label = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        if t.ndim == 1:
+            c = self.t_embedder(t) + label  # (N, D)
+        else:  # one condition per frame group, (N, f, D)
+            c = self.t_embedder(t.flatten()).unflatten(0, t.shape) + label.unsqueeze(1)
         for i, block in enumerate(self.blocks):
             window, shift = self.block_window(i, grid)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, grid, window, shift, use_reentrant=False)
             else:
                 x = block(x, c, grid, window, shift)
-        x = self.final_layer(x, c)  # (N, T, p * p * p_t * out_channels)
+        x = self.final(x, c)  # (N, T, p * p * p_t * out_channels)
         return self.unpatchify(x, grid)[:, :, :frames]
+
+    def group_times(self, t: Tensor, frames: int) -> Tensor:
+        """The time of each frame group of tokens: (N,) as given; a per-frame t (N, F) -> (N, f), one time per
+        tubelet (its frames must agree: given frames fill whole tubelets), or (N,) when every frame of each clip
+        has its clip's time, so that such a t runs the per-clip path exactly."""
+        if t.ndim == 1:
+            return t
+        pad = -frames % self.patch_t
+        if pad:
+            t = torch.cat([t, t[:, -1:].expand(-1, pad)], dim=1)
+        groups = t.reshape(t.shape[0], -1, self.patch_t)
+        if torch.compiler.is_compiling() or t.device.type == "meta":
+            return groups[:, :, 0]
+        if not torch.equal(groups, groups[:, :, :1].expand_as(groups)):
+            raise ValueError(f"a tubelet of patch_t={self.patch_t} frames has one time: per-frame times must be "
+                             f"equal within each group of {self.patch_t} frames (give whole tubelets clean)")
+        if torch.equal(groups, groups[:, :1, :1].expand_as(groups)):
+            return t[:, 0].contiguous()
+        return groups[:, :, 0]
+
+    def final(self, x: Tensor, c: Tensor) -> Tensor:
+        """The final layer, its adaLN modulation per clip (c (N, D)) or per frame group (c (N, f, D))."""
+        layer = self.final_layer
+        if c.ndim == 2:
+            return layer(x, c)
+        shift, scale = (per_token(m, x.shape[1]) for m in layer.adaLN_modulation(c).chunk(2, dim=-1))
+        return layer.linear(layer.norm_final(x) * (1 + scale) + shift)
+
+
+class GivenFrames(nn.Module):
+    """A VideoDiT whose clips' first k frames are given: every call puts `frames` (n, C, k, H, W) in place of
+    those frames of its input and calls the model at time 0 on them (per-frame t), whatever the sampler's
+    state holds there. A batch of m * n clips (e.g. CFG's doubled batch) takes the n given clips m times over.
+    k must fill whole tubelets of the model's patch_t frames."""
+
+    def __init__(self, model: nn.Module, frames: Tensor):
+        super().__init__()
+        if frames.ndim != 5 or frames.shape[1] != model.in_channels:
+            raise ValueError(f"given frames must be clips (n, {model.in_channels}, k, H, W), got shape "
+                             f"{tuple(frames.shape)}")
+        if frames.shape[2] % model.patch_t:
+            raise ValueError(f"{frames.shape[2]} given frame(s) with patch_t={model.patch_t}: a tubelet of "
+                             f"{model.patch_t} frames has one time, so give a multiple of {model.patch_t} frames")
+        self.model, self.frames = model, frames
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        n, k = self.frames.shape[0], self.frames.shape[2]
+        if x.shape[0] % n or x.shape[2] <= k:
+            raise ValueError(f"{n} clip(s) of {k} given frame(s) do not fit a batch of shape {tuple(x.shape)}")
+        given = self.frames.to(x).repeat(x.shape[0] // n, 1, 1, 1, 1)
+        x = torch.cat([given, x[:, :, k:]], dim=2)
+        t = torch.cat([torch.zeros_like(t)[:, None].expand(-1, k), t[:, None].expand(-1, x.shape[2] - k)], dim=1)
+        return self.model(x, t, *args, **kwargs)

@@ -23,6 +23,7 @@ from ditkit.data.conditions import make_condition
 from ditkit.images import save_comparison, save_gif, shown_classes
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT, create_model
 from ditkit.models.control import ControlBranch, ControlDiT
+from ditkit.models.inflate import inflate, load_image_dit
 from ditkit.kinds import GUIDE_DIR, load_guide
 from ditkit.pipeline import Pipeline
 from ditkit.text.prompts import PromptTable
@@ -67,6 +68,11 @@ class ImageKind:
         """The model's keyword arguments in a training step (label dropout from the trainer's generator)."""
         return {"y": y, "force_drop_ids": drop} if self.c.class_dropout_prob > 0 else {"y": y}
 
+    def given_frames(self, n: int, generator: torch.Generator) -> Tensor | None:
+        """An (n, F) mask of the clip frames given clean in a training step (frame conditioning); None: none
+        (nothing is drawn, so runs without it take the generator's draws as before)."""
+        return None
+
     def run_info(self) -> dict[str, Any]:
         """run.json: the config and the data facts that sampling needs."""
         data = self.data
@@ -107,19 +113,53 @@ class ImageKind:
 
 
 class VideoKind(ImageKind):
-    """A spacetime VideoDiT (adaLN-Zero blocks) sized by the model fields, patch_t and attention."""
+    """A spacetime VideoDiT (adaLN-Zero blocks) sized by the model fields, patch_t and attention; with
+    init_image, started from an image DiT run (`ditkit.models.inflate`)."""
+
+    init_record: dict[str, Any] | None = None  # the image checkpoint the model started from (run.json)
+
+    def __init__(self, c: TrainConfig, data: ImageDataset):
+        super().__init__(c, data)
+        if c.context_share and c.context_frames >= data.frames:
+            raise ValueError(f"context_frames={c.context_frames} leaves nothing to generate in the data's clips of "
+                             f"{data.frames} frames: give fewer frames")
+
+    def given_frames(self, n: int, generator: torch.Generator) -> Tensor | None:
+        """For a context_share of the clips (drawn from the trainer's generator), the first context_frames
+        frames are given (image-to-video, extension); the objective feeds them clean at t = 0, outside the loss."""
+        c = self.c
+        if not c.context_share:
+            return None
+        chosen = torch.rand(n, generator=generator) < c.context_share
+        given = torch.zeros(n, self.data.frames, dtype=torch.bool)
+        given[:, : c.context_frames] = chosen[:, None]
+        return given
 
     def build(self) -> nn.Module:
+        """The VideoDiT; init_image copies an image run's weights into it (a resumed run then loads its own
+        weights over these) and places tokens as the image model does (pos_embed image+frame)."""
         c = self.c
         if c.model != "custom" or c.block != "adaln_zero":
             raise ValueError("video data trains a VideoDiT (adaLN-Zero blocks): set model: custom and block: "
                              "adaln_zero, and size it with hidden_size, depth, num_heads, patch_size, patch_t")
-        return VideoDiT(num_frames=self.data.frames, hidden_size=c.hidden_size, depth=c.depth,
-                        num_heads=c.num_heads, patch_size=c.patch_size, patch_t=c.patch_t, mlp_ratio=c.mlp_ratio,
-                        attention=c.attention, **self.model_kwargs())
+        kwargs = self.model_kwargs()
+        if c.init_image:
+            kwargs = {"pos_embed": "image+frame", **kwargs}
+        model = VideoDiT(num_frames=self.data.frames, hidden_size=c.hidden_size, depth=c.depth,
+                         num_heads=c.num_heads, patch_size=c.patch_size, patch_t=c.patch_t, mlp_ratio=c.mlp_ratio,
+                         attention=c.attention, **kwargs)
+        if c.init_image:
+            image, self.init_record = load_image_dit(c.init_image, c.objective, c.flow_time_scale)
+            try:
+                inflate(image, model)
+            except ValueError as err:
+                raise ValueError(f"init_image={c.init_image}: {err} (set the video run's model fields to the "
+                                 f"image run's)") from None
+        return model
 
     def run_info(self) -> dict[str, Any]:
-        return {**super().run_info(), "frames": self.data.frames}
+        info = {**super().run_info(), "frames": self.data.frames}
+        return {**info, "init_image": self.init_record} if self.init_record else info
 
     def save_grid(self, path: Path, real: Tensor, images: Tensor) -> None:
         save_gif(path.with_suffix(".gif"), torch.cat([real, images]), nrow=real.shape[0], scale=2)

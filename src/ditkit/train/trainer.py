@@ -297,13 +297,16 @@ def train_step(run: Run) -> tuple[Tensor, Tensor]:
     drop = (torch.rand(c.batch_size, generator=run.gen) < c.class_dropout_prob).long()
     t = draw_timesteps(run.objective, c.batch_size, run.gen)
     noise = torch.randn(x0.shape, generator=run.gen)
+    given = run.kind.given_frames(c.batch_size, run.gen)  # clip frames given clean; None: no draw
     x0, y, t, noise, drop = (v[lo:hi].to(device, non_blocking=True) for v in (x0, y, t, noise, drop))
     kwargs = run.kind.step_inputs(x0, y, drop)
+    extra = {} if given is None else {"given": given[lo:hi].to(device)}
 
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(c, run.step, run.schedule_steps)
     with autocast(device, c.precision):
-        loss = run.objective.training_losses(run.forward, x0, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
+        loss = run.objective.training_losses(run.forward, x0, t, model_kwargs=kwargs, noise=noise, **extra)["loss"]
+        loss = loss.mean()
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)

@@ -16,6 +16,8 @@ from ditkit.models.video import GivenFrames
 from ditkit.pipeline import Pipeline
 from ditkit.sampling import CFG
 from ditkit.train import build_config, train
+from test_video import randomize
+from test_video import tiny as tiny_video
 
 OLD_RUN = Path(__file__).parent / "data" / "old_run"  # an image run
 TINY_RUN = ["data=moving_mnist", "image_size=16", "frames=4", "hidden_size=32", "depth=2", "num_heads=2",
@@ -24,18 +26,7 @@ TINY_RUN = ["data=moving_mnist", "image_size=16", "frames=4", "hidden_size=32", 
 
 
 def tiny(**kw) -> VideoDiT:
-    args = dict(input_size=16, num_frames=4, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                num_classes=4)
-    return VideoDiT(**{**args, **kw})
-
-
-def randomize(model: VideoDiT, seed: int = 0) -> VideoDiT:
-    """Weights in the zero-initialised adaLN and output layers too, so that every path reaches the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return tiny_video(**{"num_frames": 4, **kw})
 
 
 def frames_like(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:

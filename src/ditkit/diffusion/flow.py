@@ -123,10 +123,10 @@ class FlowMatching:
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        keep = None
+        t_model, keep = t, None
         if given is not None:
             x_t, t_model, keep = self._given_frames(x_start, x_t, t, given)
-        target, pred = noise - x_start, self.velocity(model, x_t, t if keep is None else t_model, model_kwargs)
+        target, pred = noise - x_start, self.velocity(model, x_t, t_model, model_kwargs)
         if keep is None:
             mse = mean_flat((target - pred) ** 2)
         else:

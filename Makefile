@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "ditkit is installed in $(VENV): run it as $(VENV)/bin/ditkit ..., or first: source $(VENV)/bin/activate"
 
 demo: $(STAMP)
 	$(PY) -m ditkit.cli demo
+	@echo "ditkit is installed in $(VENV): run it as $(VENV)/bin/ditkit ..., or first: source $(VENV)/bin/activate"
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -108,9 +108,18 @@ def _nested_classes(tmp: Path, mp) -> None:
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "pets" / cls / "2019" / "a.png")
 
 
+def _no_sigma(tmp: Path, mp) -> None:
+    """An original-format checkpoint of a model that predicts the noise only (no learned sigma)."""
+    import torch
+
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=2,
+                learn_sigma=False)
+    torch.save(model.state_dict(), tmp / "nosig.pt")
+
+
 SETUPS = {f.__name__.lstrip("_"): f for f in (
     _damaged_checkpoint, _truncated_checkpoint, _truncated_pretrained, _damaged_run, _pixart, _control, _no_onnx,
-    _read_only, _locked, _nested_classes)}
+    _read_only, _locked, _nested_classes, _no_sigma)}
 
 NEW = "--out {tmp}/new"
 PNG = "--out {tmp}/x.png"
@@ -166,6 +175,9 @@ CASES = [
     ("train-over-a-run", None, "train --data patterns --out {run}", "already holds checkpoints: pass --resume"),
     # one training process per run directory
     ("train-run-in-use", "locked", f"train {TINY} --out {{tmp}}/busy",
+     f"busy is in use by another training run (pid {os.getppid()} on {socket.gethostname()}"),
+    # a run that has not written its first checkpoint yet: the lock is the reason, not "no checkpoint"
+    ("resume-run-in-use-before-its-first-checkpoint", "locked", "train --out {tmp}/busy --resume",
      f"busy is in use by another training run (pid {os.getppid()} on {socket.gethostname()}"),
     # OS errors are one line too
     ("train-out-is-a-file", None, f"train {TINY} --out {{tmp}}/a_file",
@@ -227,6 +239,8 @@ CASES = [
      "folder is a directory: pass the checkpoint file itself"),
     ("convert-out-is-a-file", None, "convert --from-official {tmp}/empty.pt --out {tmp}/a_file",
      "a_file is a file: expected a directory"),
+    ("convert-without-learned-sigma", "no_sigma", "convert --from-official {tmp}/nosig.pt --out {tmp}/c --num-heads 2",
+     "nosig.pt predicts 4 channels for 4 input channels: the noise alone, without the learned sigma channels"),
     ("convert-out-read-only", "read_only", "convert --from-official {tmp}/x.pt --out {tmp}/c", READ_ONLY),
     # eval
     ("eval-text-file", None, "eval --samples {tmp}/notes.txt",

@@ -138,16 +138,17 @@ def test_a_lock_from_another_host_cannot_be_checked_and_says_how_to_clear_it(tmp
 
 def test_second_train_on_the_same_out_refuses_naming_the_first(tmp_path, capsys):
     """Two real processes: the second `ditkit train` exits 2 with one line naming the first, which runs on
-    undisturbed (and then stops cleanly on SIGTERM)."""
+    undisturbed (and then stops cleanly on SIGTERM). The signal is sent only once the first run has logged
+    a step (metrics.csv, log_every=1), so it always lands inside the training loop, however slow the set-up."""
     out = tmp_path / "run"
     args = ["train", "--data", "patterns", "image_size=8", "channels=2", "hidden_size=32", "depth=1",
-            "num_heads=2", "patch_size=2", "batch_size=8", "precision=fp32", "--steps", "100000",
+            "num_heads=2", "patch_size=2", "batch_size=8", "precision=fp32", "log_every=1", "--steps", "100000",
             "--save-every", "100000", "--out", str(out)]
     first = subprocess.Popen([sys.executable, "-m", "ditkit.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.time() + 120
-        while not (out / "config.json").exists():  # written once training set-up is done
+        deadline = time.time() + 300
+        while not (out / "metrics.csv").exists():  # written after the first step, so the loop is running
             assert first.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.01)
         assert main(args) == 2

@@ -11,8 +11,9 @@ from ditkit.data.moving_mnist import DIRECTIONS, make_moving_mnist
 from ditkit.diffusion import FlowMatching, create_diffusion
 from ditkit.images import clip_frames, save_gif
 from ditkit.models import VideoDiT
-from ditkit.models.layers import sincos_2d, sincos_3d
-from ditkit.models.video import from_windows, to_windows
+from ditkit.models.layers import apply_rope_3d, rope_3d_tables, sincos_2d, sincos_3d
+from ditkit.models.layers import attention as attention_fn
+from ditkit.models.video import from_windows, to_windows, window_attention
 from ditkit.sampling import CFG, sample
 
 
@@ -295,3 +296,49 @@ def test_generated_clips_move_in_the_conditioned_direction(tmp_path):
     along = (moved * want).sum(1)
     hits = (along > 0.5 * moved.norm(dim=1)) & (moved.norm(dim=1) > 2)
     assert hits.float().mean() >= 0.6, (hits.float().mean(), moved[:8])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D RoPE
+# ---------------------------------------------------------------------------------------------
+def test_rope_3d_scores_depend_only_on_the_offset_between_tokens():
+    """<R(p) q, R(p') k> = <R(p + d) q, R(p' + d) k> for any shift d of the (frame, row, column) grid (fp32, 1e-5)."""
+    head_dim, grid = 32, (4, 5, 6)
+    table = rope_3d_tables(head_dim, grid)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, head_dim, generator=g), torch.randn(1, 1, 1, head_dim, generator=g)
+
+    def index(f, r, c):
+        return (f * grid[1] + r) * grid[2] + c
+
+    def score(p, p2):
+        return (apply_rope_3d(q, table[index(*p)][None]) * apply_rope_3d(k, table[index(*p2)][None])).sum()
+
+    base = score((0, 1, 2), (2, 3, 0))
+    assert torch.allclose(base, score((1, 2, 5), (3, 4, 3)), atol=1e-5)
+    assert not torch.allclose(base, score((0, 1, 2), (2, 3, 1)), atol=1e-3)  # another offset, another score
+    assert torch.allclose(apply_rope_3d(q, table[:1]), q)  # position 0 is the identity
+
+
+@pytest.mark.parametrize("attention", ["factorized", "windowed"])
+def test_rope_in_boxes_uses_each_tokens_own_position(attention):
+    """Attention within boxes (spatial / temporal / shifted windows) with RoPE equals full attention masked to
+    the same boxes with the grid's table: the table follows the tokens through the box layout (fp32, 1e-5)."""
+    model = randomize(tiny(attention=attention, rope=True, window=(2, 2, 2), depth=2))
+    x = torch.randn(2, 1, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    grid = (8, 4, 4)
+    table = rope_3d_tables(model.blocks[0].attn.head_dim, grid)
+    h = torch.randn(2, 128, 32, generator=torch.Generator().manual_seed(2))
+    for i, block in enumerate(model.blocks):
+        window, shift = model.block_window(i, grid)
+        got = window_attention(block.attn, h, grid, window, shift, table)
+        position = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+        box = (position - torch.tensor(shift)) % torch.tensor(grid) // torch.tensor(window)
+        mask = (box[:, None] == box[None]).all(-1)
+        attn = block.attn
+        q, k, v = attn.qkv(h).reshape(2, 128, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope_3d(q, table), apply_rope_3d(k, table)
+        want = attn.proj(attention_fn(q, k, v, mask).transpose(1, 2).reshape(2, 128, 32))
+        assert torch.allclose(got, want, atol=1e-5)
+    assert model(x, torch.tensor([5.0, 700.0]), torch.tensor([0, 1])).shape == x.shape
+    assert VideoDiT(**{**model.config}).rope  # the option is in the saved config

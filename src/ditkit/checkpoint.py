@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ditkit.checksums import CHECKSUMS, CheckpointError, sha256, verify_files
+from ditkit.io import WriteError
 from ditkit.notes import warn
 
 CHECKPOINTS = "checkpoints"
@@ -120,29 +121,58 @@ def save_checkpoint(
     rng: dict[str, Tensor],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` under OUT/checkpoints atomically and delete all but the newest `keep_last`."""
+    """Write checkpoint `step` under OUT/checkpoints atomically and delete all but the newest `keep_last`.
+
+    A non-finite weight, EMA weight or optimizer value is refused (NonFiniteState) before anything is
+    written. A failed write (no space, no permission) is a WriteError naming the checkpoint; its temporary
+    directory is removed and the earlier checkpoints are left as they were."""
+    opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
+    for what, tensors in (("model weights", model_state), ("EMA weights", ema_state),
+                          ("optimizer state", opt_tensors)):
+        check_finite(tensors, what)
     final = step_dir(Path(out), step)
     tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_files(tmp, model_config, run_info, model_state, ema_state, opt_tensors,
+                     {"optimizer": opt_meta, **extra_state}, rng)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(final, err, what="checkpoint ") from None
+    for old in list_checkpoints(Path(out))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, model_config: dict[str, Any], run_info: dict[str, Any], model_state: dict[str, Tensor],
+                 ema_state: dict[str, Tensor], opt_tensors: dict[str, Tensor], meta: dict[str, Any],
+                 rng: dict[str, Tensor]) -> None:
+    """Every file of a checkpoint into the directory `tmp`, fsynced."""
     (tmp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
     (tmp / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     save_file(_cpu(model_state), str(tmp / "model.safetensors"))
     save_file(_cpu(ema_state), str(tmp / "ema.safetensors"))
-    opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
-    meta = {"optimizer": opt_meta, **extra_state}
     save_file(_cpu({**opt_tensors, **rng}), str(tmp / "train_state.safetensors"),
               metadata={"ditkit": json.dumps(meta)})
     (tmp / CHECKSUMS).write_text(json.dumps({f: sha256(tmp / f) for f in FILES}, indent=2) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(Path(out))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+class NonFiniteState(ValueError):
+    """A checkpoint would hold a NaN or infinite value (a diverged run): it is never written."""
+
+
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """NonFiniteState naming the first of `tensors` (floating point) holding a NaN or an infinity."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteState(f"the {what} hold non-finite values ({name})")
 
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,6 +14,10 @@ from typing import Any
 def cmd_flops(args: argparse.Namespace) -> int:
     from ditkit.evaluate import zoo_table
 
+    for flag, value, least in (("--input-size", args.input_size, 1), ("--in-channels", args.in_channels, 1),
+                               ("--num-classes", args.num_classes, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     table = zoo_table(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
     if args.json:
         print(json.dumps(table, indent=2))
@@ -25,15 +30,19 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("data", "model", "objective", "steps", "minutes", "batch_size", "out", "seed", "save_every",
-               "sample_every", "precision", "compile", "grad_checkpoint", "unconditional", "control", "base")
+               "sample_every", "precision", "compile", "grad_checkpoint", "unconditional", "control", "base", "init",
+               "lora_rank", "lora_alpha", "lora_targets", "classes")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ditkit.train import build_config, resume_config, train
+    from ditkit.train import build_config, train
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}  # None: not given (0 is a value, then validated)
+    for key in ("lora_targets", "classes"):  # lists are comma-separated config values
+        if overrides[key] is not None:
+            overrides[key] = ",".join(overrides[key])
     if args.resume:  # the run's saved config, with the flags that do not change its identity
-        config = resume_config(args.config, overrides, args.assignments)
+        config = resume_locked_first(args, overrides)
     else:
         config = build_config(args.config, overrides, args.assignments)
     result = train(config, resume=args.resume)
@@ -50,10 +59,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_locked_first(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """resume_config; when it finds no checkpoint to resume, a run still in progress there (it has not
+    written its first checkpoint yet) is the reason to report."""
+    from ditkit.checksums import CheckpointError
+    from ditkit.train import build_config, resume_config
+    from ditkit.train.lock import check_unlocked
+
+    try:
+        return resume_config(args.config, overrides, args.assignments)
+    except CheckpointError:
+        check_unlocked(build_config(args.config, overrides, args.assignments).out)
+        raise
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from ditkit.pipeline import Pipeline, describe
 
-    pipe = Pipeline.load(args.ckpt, ema=args.ema, vae=args.vae)
+    pipe = Pipeline.load(args.ckpt, ema=args.ema, vae=args.vae, adapters=parse_adapters(args.adapter))
     pipe.check_output(args.out)  # before sampling, not after
     preset = pipe.paper_preset() if args.paper else {}
     classes = args.classes if args.classes is not None else preset.pop("classes", None)
@@ -65,7 +88,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n_per_class = args.n_per_class if args.n_per_class is not None else (1 if args.paper else 8)
     samples = pipe.generate(classes=classes, prompts=args.prompts, n_per_class=n_per_class, seed=args.seed,
                             frames=args.frames, first_frame=args.first_frame, extend=args.extend,
-                            frame_conditioning=args.frame_conditioning, **{**preset, **given})
+                            frame_conditioning=args.frame_conditioning, lora_scale=args.lora_scale,
+                            **{**preset, **given})
     for note in samples.notes:
         print(f"note: {note}")
     pipe.save(samples, args.out)
@@ -74,9 +98,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_adapters(items: list[str] | None) -> dict[str, float] | None:
+    """--adapter RUN[:WEIGHT] ... -> {RUN: weight} (weight 1 when not given)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        run, sep, weight = item.rpartition(":")
+        try:
+            out[run if sep else item] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--adapter {item}: expected RUN or RUN:WEIGHT with a number as the weight") from None
+    return out
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ditkit.lora import merge_run
+
+    out, gap = merge_run(args.ckpt, args.out, ema=args.ema)
+    print(f"merged the adapter of {args.ckpt} into {out} (a standalone checkpoint; largest output difference "
+          f"from the unfused model on a test batch: {gap:.1e})")
+    print(f"sample: ditkit sample --ckpt {out} --out samples.png")
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
+    from ditkit.data.folder import check_image
     from ditkit.pipeline import Pipeline, describe
 
+    check_image(args.image, "--image")  # before loading the model
+    if args.mask:
+        check_image(args.mask, "--mask")
     pipe = Pipeline.load(args.ckpt, ema=args.ema)
     pipe.check_output(args.out)
     if args.scale < 1:
@@ -109,6 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = args.samples or args.samples_file
     if not samples:
         raise ValueError("no samples given: ditkit eval FILE.npz (or --samples FILE.npz | DIR)")
+    check_first_image(samples, "--samples")
+    if args.reference != "mnist":
+        check_first_image(args.reference, "--reference")
     # folder samples are read at the classifier's size for the mnist reference, else at their own
     size = dict(image_size=32, channels=1) if args.reference == "mnist" else {}
     images, labels = load_samples(samples, **size)
@@ -119,6 +174,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
     print(json.dumps(metrics) if args.json else image_metrics_table(metrics, samples, args.reference))
     return 0
+
+
+def check_first_image(path: str, what: str) -> None:
+    """A folder's first image is opened to learn its size: one Pillow refuses is named (the others are
+    skipped with a warning when the folder is read)."""
+    from ditkit.data.folder import check_image, list_images
+
+    if os.path.isdir(path):
+        check_image(list_images(path)[0][0][0], f"{what} {path}: its first image", decode=False)
 
 
 def image_metrics_table(metrics: dict[str, float], samples: str, reference: str) -> str:
@@ -191,6 +255,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out, n = args.out, 1
     while not args.resume and os.path.exists(os.path.join(out, "checkpoints")):  # never overwrite a run
         out, n = f"{args.out}-{n}", n + 1
+    if out != args.out:
+        print(f"demo: {args.out} holds an earlier run, so this one is written to {out} (the commands below "
+              f"name {out}; --resume continues {args.out} instead)", flush=True)
+    else:
+        print(f"demo: {'continuing' if args.resume else 'writing'} the run in {out}", flush=True)
     # the demo promises minutes on a laptop: a wall-clock cap guards slower machines
     config = build_config(None, {"out": out, "minutes": DEMO_MINUTES}, args.assignments)
     start = time.perf_counter()
@@ -198,15 +267,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\ndemo: {result.steps} steps of {config.batch_size} images in {result.seconds:.0f} s "
           f"({result.images_per_second:.0f} images/s), final loss {result.final_loss:.4f}; "
           f"total {time.perf_counter() - start:.0f} s")
+    print(f"run:        {result.out}")
     print(f"samples:    {result.out / 'samples.png'}   (top row: real digits; below: generated, one column per class)")
     print(f"loss curve: {result.out / 'loss_curve.png'}")
     print(f"checkpoint: {result.checkpoint}   (ditkit sample --ckpt {result.out} --out grid.png)")
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other bad input: one `ditkit CMD: error:` line
+    (pointing at --help) instead of the usage block."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (ditkit {self.prog.split()[-1]} --help lists the flags)\n"
+                  if self.prog != "ditkit" else f"ditkit: error: {message} (ditkit --help lists the commands)\n")
+
+
 def _flag_group(*flags: tuple[str, dict[str, Any]]) -> argparse.ArgumentParser:
     """A parent parser holding flags that several commands share, so each is defined once."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     for name, options in flags:
         parent.add_argument(name, **options)
     return parent
@@ -246,6 +325,15 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", choices=["edges", "lowres"], help="train a structure-control branch on this "
                    "condition image; the --base model stays frozen")
     p.add_argument("--base", help="with --control: the base run (or checkpoint) directory")
+    p.add_argument("--init", metavar="RUN_OR_CHECKPOINT", help="fine-tune from this trained model: a run, a "
+                   "checkpoint directory, a diffusers directory or an original DiT .pt (docs/fine-tuning.md)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="with --init: train a LoRA adapter of rank R on the "
+                   "frozen base instead of every weight (needs ditkit[lora])")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-targets", nargs="+", metavar="TARGET", help="what the adapter wraps: attention, mlp, "
+                   "modulation, or module names such as attn.qkv (default: attention mlp)")
+    p.add_argument("--classes", nargs="+", metavar="NAME", help="with --init: the label set by name (default: the "
+                   "base's classes, then the data's new ones)")
 
 
 def add_sample_flags(p: argparse.ArgumentParser) -> None:
@@ -274,6 +362,10 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", action=argparse.BooleanOptionalAction, default=None, help="video models: draw "
                    "--frames window by window, each conditioned on the last frames of the one before (default: "
                    "when --frames is more than the trained frames and the run was trained with context_share)")
+    p.add_argument("--lora-scale", type=float, metavar="S", help="adapter runs: the adapter's weight (1: as "
+                   "trained, 0: the base alone)")
+    p.add_argument("--adapter", action="append", metavar="RUN[:WEIGHT]", help="adapter runs: add another adapter "
+                   "run on the same base at this weight (repeatable)")
     p.add_argument("--frame-conditioning", choices=["trained", "inpaint"], help="video models: how given frames "
                    "are kept: trained (fed at t = 0; runs trained with context_share) or inpaint (training-free "
                    "RePaint); default: trained where the run was")
@@ -326,6 +418,11 @@ def add_extract_latents_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
 
 
+def add_merge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="RUN", help="an adapter run (or one of its checkpoints)")
+    p.add_argument("--out", required=True, help="new checkpoint directory: the base with the adapter fused in")
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("samples_file", nargs="?", metavar="SAMPLES", help="FILE.npz with images (N, C, H, W) or "
                    "clips (N, C, F, H, W) in [-1, 1] and optional labels, or a folder of images (DIR/<label>/*.png "
@@ -368,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_convert),
         ("export", "export a run's model for deployment (ONNX, dynamic batch)", (run,), add_export_flags,
          cmd_export),
+        ("merge", "fuse an adapter run's LoRA into its base: a standalone checkpoint", (ema,), add_merge_flags,
+         cmd_merge),
         ("extract-latents", "encode an image folder once with a VAE into a latent cache for `train --data CACHE`",
          (), add_extract_latents_flags, cmd_extract_latents),
         ("edit", "edit an image with a run: image-to-image, inpainting, structure control", (run, sampling),
@@ -378,16 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
          "(needs ditkit[app])", (), add_serve_flags, cmd_serve),
         ("demo", "the main job: train on MNIST-5k, then sample", (assignments,), add_demo_flags, cmd_demo),
     )
-    parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, measure.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="ditkit", description="Diffusion Transformers: train, sample, measure.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, text, parents, add_flags, func in commands:
         p = sub.add_parser(name, help=text, parents=list(parents))
         add_flags(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # `ditkit flops | head`: the reader has all it wants
+        with contextlib.suppress(OSError):  # and Python's own flush at exit must not complain either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # key=value overrides may come between flags, which argparse's positionals do not allow
     args, extra = parser.parse_known_args(argv)
@@ -395,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         args.assignments += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise
     except EXPECTED_ERRORS as err:  # bad input or environment: one clear line, no traceback
         print(f"ditkit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2

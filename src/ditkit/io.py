@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,15 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
 
-    A crash or exception leaves any existing `path` untouched and removes the temp file.
+    A crash or exception leaves any existing `path` untouched and removes the temp file. A failed write
+    (no space, no permission, a read-only disk) is a WriteError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteError(path, err) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -34,9 +39,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; files get the usual permissions
         os.replace(tmp_path, path)
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(path, err) from None
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+
+
+class WriteError(OSError):
+    """A file could not be written: one line naming the file and the cause. An OSError (with the cause's
+    errno), so code that catches OSError still does."""
+
+    def __init__(self, path: str | os.PathLike, err: BaseException, what: str = ""):
+        code = getattr(err, "errno", None)
+        if code is None:  # safetensors reports the OS error inside its message: "... Os { code: 28, ..."
+            found = re.search(r"code: (\d+)", str(err))
+            code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code else (getattr(err, "strerror", None) or str(err).strip() or
+                                                  type(err).__name__)
+        if code == errno.EROFS:
+            reason += " (a read-only location)"
+        elif code in (errno.EACCES, errno.EPERM):
+            reason += " (no write permission)"
+        elif code in (errno.ENOSPC, errno.EDQUOT):
+            reason += " (free some space, or write elsewhere)"
+        self.path = Path(path)
+        super().__init__(code, f"cannot write {what}{path}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ditkit import checkpoint as ckpt
+from ditkit.checksums import sha256
 from ditkit.data.conditions import make_condition
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
 from ditkit.diffusion.flow import FlowMatching
@@ -104,6 +105,11 @@ class ImageRun:
             raise ValueError(f"frames applies to video runs only (this is {article} {self.name} run)")
         return []
 
+    def drawn_first_frames(self, run: LoadedRun, columns: list[int], n_per_class: int, seed: int,
+                           progress: bool) -> Tensor | None:
+        """First frames drawn by another model (VideoRun); None: the model draws every frame."""
+        return None
+
     def frame_plan(self, run: LoadedRun, given: Tensor | None, frames: int | None, extend: bool | None,
                    conditioning: str | None, notes: list[str]) -> dict[str, Any] | None:
         """How generate() draws a clip's frames (`sample_frames`' arguments), or None for one plain draw;
@@ -174,6 +180,26 @@ class VideoRun(ImageRun):
 
     def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
         (save_gif if path.endswith(".gif") else save_mp4)(path, images, nrow=ncol, scale=scale)
+
+    def drawn_first_frames(self, run: LoadedRun, columns: list[int], n_per_class: int, seed: int,
+                           progress: bool) -> Tensor | None:
+        """A run trained with an image_model (Emu Video's factorisation): each clip's first frame (N, C, 1, H, W),
+        drawn by that image run with its own settings and `seed`, in the order of the clips' labels; None for
+        other runs (the video model draws every frame)."""
+        record = run.info.get("image_model")
+        if record is None:
+            return None
+        path = Path(record["path"])
+        if not (path / record["weights"]).is_file():
+            raise FileNotFoundError(f"this video run continues first frames drawn by its image run, recorded in "
+                                    f"run.json as {path}, which is not there: put that run back, or give first "
+                                    f"frames (first_frame=, --first-frame)")
+        if sha256(path / record["weights"]) != record["sha256"]:
+            raise ValueError(f"the image run {path} has changed since this video run was trained on its frames "
+                             f"(the sha256 of {record['weights']} differs from run.json's)")
+        image = type(run).load(path, device=run.device)  # the same class as the run: a Pipeline
+        drawn = image.generate(classes=columns, n_per_class=n_per_class, seed=seed, progress=progress)
+        return drawn.images.clamp(-1, 1).unsqueeze(2).to(run.device)
 
     def frame_plan(self, run: LoadedRun, given: Tensor | None, frames: int | None, extend: bool | None,
                    conditioning: str | None, notes: list[str]) -> dict[str, Any] | None:

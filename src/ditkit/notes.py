@@ -4,7 +4,12 @@ that the default format adds. They stay ordinary warnings (a UserWarning subclas
 tests can filter or capture them as usual."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from pathlib import Path
+
+PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class DitkitWarning(UserWarning):
@@ -16,8 +21,16 @@ def warn(message: str, stacklevel: int = 2) -> None:
     warnings.warn(message, DitkitWarning, stacklevel=stacklevel + 1)
 
 
+def note(message: str) -> None:
+    """Tell the person running ditkit something they may not expect (not a problem): `note: MESSAGE` on
+    stderr."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def _format(message, category, filename, lineno, line=None) -> str:
-    if issubclass(category, DitkitWarning):
+    # a plain UserWarning raised inside ditkit is meant for its user too: the same one line
+    ours = category is UserWarning and str(Path(filename).resolve()).startswith(PACKAGE)
+    if issubclass(category, DitkitWarning) or ours:
         return f"warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 

@@ -34,6 +34,7 @@ from ditkit.models.control import ControlDiT
 from ditkit.text.prompts import PromptTable
 from ditkit.sampling import GUIDANCE_SETTINGS, guidance_from_settings, sample, sampling_schedule
 from ditkit import checkpoint as ckpt
+from ditkit import lora
 
 Preview = Callable[[int, int, Tensor], None]  # (step, total, x0 prediction as images in [-1, 1] on the CPU)
 # generate()'s argument names that differ from sample()'s keywords (the config's `sample` section uses sample()'s)
@@ -68,15 +69,23 @@ class Pipeline:
     # ---- loading and facts ---------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, ema: bool = True, device: str | torch.device | None = None,
-             vae: str | None = None) -> Pipeline:
+             vae: str | None = None, adapters: dict[str, float] | None = None) -> Pipeline:
         """A run directory (its newest good checkpoint) or a checkpoint directory; `device` None: CUDA if
-        available; `vae` overrides the VAE the run recorded (latent runs, converted original checkpoints)."""
+        available; `vae` overrides the VAE the run recorded (latent runs, converted original checkpoints).
+        An adapter run (lora_rank) is composed on its recorded base; `adapters` {RUN: weight} adds further
+        adapter runs on the same base, all active at once (`ditkit.lora.compose`)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = ckpt.resolve_checkpoint(path)
         info = ckpt.read_json(path / "run.json") if (path / "run.json").is_file() else {"objective": "ddpm"}
         model_type = ckpt.read_json(path / "config.json").get("model_type")
         kind = saved_kind(model_type)
-        model = kind.load_model(path, ckpt.weights_file(path, ema), model_type, info, device)
+        if "adapter" in info:
+            model = lora.compose(path, info, ema=ema, adapters=adapters, device=device)
+        elif adapters:
+            raise ValueError(f"{path} is not an adapter run: further adapters combine with an adapter run (load "
+                             f"one of them and pass the others)")
+        else:
+            model = kind.load_model(path, ckpt.weights_file(path, ema), model_type, info, device)
         config = info.get("train_config", {})
         objective = build_objective(info["objective"], config.get("timestep_sampling", "logit_normal"),
                                     time_scale=config.get("flow_time_scale", FLOW_TIME_SCALE))
@@ -168,7 +177,8 @@ class Pipeline:
                  cfg_interval: tuple[float, float] | None = None, seed: int = 0, frames: int | None = None,
                  progress: bool = True, callback: Preview | None = None,
                  condition: Tensor | None = None, first_frame: str | os.PathLike | Tensor | None = None,
-                 extend: bool | None = None, frame_conditioning: str | None = None, **options: Any) -> Samples:
+                 extend: bool | None = None, frame_conditioning: str | None = None, lora_scale: float | None = None,
+                 **options: Any) -> Samples:
         """`n_per_class` samples of each class (default: all) or prompt (text runs; default: up to 10 of the
         training captions), one seeded generator; None settings are the run's. `condition` (control runs):
         one image per column (K, C, H, W) in [-1, 1] whose structure the samples follow. `options`: further
@@ -176,7 +186,9 @@ class Pipeline:
         Video runs: `first_frame` (an image file, (C, H, W) or (1, C, H, W) in [-1, 1], or the first k frames
         (1, C, k, H, W)) starts every clip, kept exactly; `frames` beyond the trained window are drawn by
         extension (`extend`), each window conditioned on the last frames of the one before; `frame_conditioning`
-        "trained" | "inpaint" (None: as the run allows; see `ditkit.kinds.VideoRun.frame_plan`)."""
+        "trained" | "inpaint" (None: as the run allows; see `ditkit.kinds.VideoRun.frame_plan`).
+        `lora_scale` (adapter runs): the run's adapter at this weight (1: as trained, 0: the base)."""
+        self.scale_adapter(lora_scale)
         if n_per_class < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
         model, columns = self._kind.columns(self, classes, prompts)
@@ -184,6 +196,8 @@ class Pipeline:
         clip = self._kind.clip(self, frames)  # clips are (N, C, F, H, W)
         notes: list[str] = []
         given = self._first_frames(first_frame, notes) if first_frame is not None and clip else first_frame
+        if given is None and clip:
+            given = self._kind.drawn_first_frames(self, columns, n_per_class, seed, progress)
         plan = self._kind.frame_plan(self, given, frames, extend, frame_conditioning, notes)
         s = self.settings(sampler=sampler, steps=steps, cfg=cfg, cfg_interval=cfg_interval, **options)
         y = torch.tensor(columns, device=self.device).repeat(n_per_class)
@@ -314,6 +328,14 @@ class Pipeline:
         return Path(text)
 
     # ---- helpers -------------------------------------------------------------------------------
+    def scale_adapter(self, scale: float | None) -> None:
+        """Set the run's own adapter to `scale` (None: 1, as trained); refused on a run without one."""
+        adapted = "adapter" in self.info
+        if scale is not None and not adapted:
+            raise ValueError("lora_scale applies to adapter runs (trained with lora_rank); this run has no adapter")
+        if adapted:
+            lora.set_scale(self.model, {lora.OWN: 1.0 if scale is None else float(scale)})
+
     def with_prompts(self, prompts: list[str]) -> PromptTable:
         """The text model conditioned on `prompts` as labels 0..P-1 (P = no prompt), encoded with the
         run's text encoder: sample it like a class-conditional DiT, with y = prompt indices."""

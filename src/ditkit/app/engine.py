@@ -49,4 +49,5 @@ def facts(pipe: Pipeline) -> dict[str, Any]:
         "defaults": {k: v for k, v in pipe.settings().items()
                      if isinstance(v, (int, float, str, list, tuple, type(None)))},
         "frames": pipe.info.get("frames"),
+        "adapter": "adapter" in pipe.info,  # a LoRA run: the page offers its scale
     }

@@ -132,9 +132,14 @@ def generate_args(body: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]
     args["n_per_class"] = n
     if kind == "video" and not _missing(body.get("frames")):
         args["frames"] = whole(body["frames"], "frames", 1, 64)
+    if facts.get("adapter") and not _missing(body.get("lora_scale")):
+        args["lora_scale"] = real(body["lora_scale"], "LoRA scale", MIN_LORA_SCALE, MAX_LORA_SCALE)
     if not facts["conditional"]:
         args.pop("cfg", None)  # nothing to guide towards
     return args
+
+
+MIN_LORA_SCALE, MAX_LORA_SCALE = -1.0, 4.0  # beyond these an adapter only distorts the base
 
 
 def edit_args(body: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:

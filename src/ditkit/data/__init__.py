@@ -15,13 +15,14 @@ from pathlib import Path
 from ditkit.data.dataset import ImageDataset, random_hflip
 from ditkit.data.folder import load_folder
 from ditkit.data.latents import LatentDataset, is_latent_cache, load_latents
+from ditkit.data.mnist import OPTIONS as MNIST_OPTIONS
 from ditkit.data.mnist import SPLITS, load_mnist
 from ditkit.data.moving_mnist import OPTIONS as MOVING_MNIST_OPTIONS
 from ditkit.data.moving_mnist import VideoDataset, make_moving_mnist
 from ditkit.data.patterns import make_patterns
 from ditkit.data.shapes import make_shapes
 
-BUILTIN = ("mnist", "patterns", "moving_mnist", "shapes")
+BUILTIN = ("mnist", "patterns", "moving_mnist", "moving_mnist_frames", "shapes")
 SHAPES_OPTIONS = ("n", "max_objects")
 VIDEO_SOURCES = ("moving_mnist",)  # sources of clips (N, C, F, H, W): a VideoDataset
 
@@ -40,10 +41,15 @@ def _check_source(source: str | os.PathLike, split: str, frames: int | None, vid
         if unknown or frames is not None:
             raise ValueError(f"unknown shapes option(s) {', '.join(unknown or ['frames'])}: expected "
                              f"{', '.join(SHAPES_OPTIONS)}")
-    elif name not in VIDEO_SOURCES and (frames is not None or video_options):
+    elif name == "mnist" and frames is None and set(video_options) <= set(MNIST_OPTIONS):
+        pass  # a subset of the digits (classes, per_class)
+    elif name == "moving_mnist_frames" and frames is not None:
+        raise ValueError("moving_mnist_frames are single frames (images): frames does not apply; use "
+                         "data: moving_mnist for clips")
+    elif name not in VIDEO_SOURCES + ("moving_mnist_frames",) and (frames is not None or video_options):
         raise ValueError(f"frames and video options ({', '.join(video_options) or 'frames'}) apply only to the "
                          f"video sources {', '.join(VIDEO_SOURCES)}, not to {name!r}")
-    splits = SPLITS if name in ("mnist", "moving_mnist") else ("train", "all")
+    splits = SPLITS if name in ("mnist", "moving_mnist", "moving_mnist_frames") else ("train", "all")
     if split not in splits:
         raise ValueError(f"unknown split {split!r} for data source {name!r}: expected one of {', '.join(splits)} "
                          f"(only mnist has a held-out split)")
@@ -66,6 +72,8 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     - "moving_mnist": clips 1 x `frames` (8) x 32 x 32 of MNIST digits moving, generated from `seed`
       (a VideoDataset); `video_options` go to `make_moving_mnist` (n_clips, num_digits, motion, speed,
       digit_size, start).
+    - "moving_mnist_frames": the first frame of each such clip, as images 1 x 32 x 32 (the same options):
+      what a video model draws frame by frame, for an image model trained first (`init_image`).
     Only MNIST has a held-out split: other sources accept split "train" or "all" (the same data).
     `unconditional=True` keeps the images and makes them one class (label 0, `conditional=False`).
     """
@@ -80,14 +88,16 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     if image_size is not None and image_size < 1 or channels is not None and channels < 1:
         raise ValueError(f"image_size and channels must be positive, got {image_size} and {channels}")
     if name == "mnist":
-        data = load_mnist(image_size or 32, split=split).with_channels(channels or 1)
-    elif name == "moving_mnist":
+        data = load_mnist(image_size or 32, split=split, **video_options).with_channels(channels or 1)
+    elif name in ("moving_mnist", "moving_mnist_frames"):
         unknown = sorted(set(video_options) - set(MOVING_MNIST_OPTIONS))
         if unknown:
             raise ValueError(f"unknown moving_mnist option(s) {', '.join(unknown)}: "
                              f"expected {', '.join(MOVING_MNIST_OPTIONS)}")
-        data = make_moving_mnist(frames=frames or 8, image_size=image_size or 32, split=split, seed=seed,
-                                 **video_options).with_channels(channels or 1)
+        data = make_moving_mnist(frames=frames or 8 if name == "moving_mnist" else 1, image_size=image_size or 32,
+                                 split=split, seed=seed, **video_options).with_channels(channels or 1)
+        if name == "moving_mnist_frames":
+            data = data.first_frames()
     elif name == "shapes":
         if channels not in (None, 3):
             raise ValueError(f"shapes are RGB: channels must be 3, got {channels}")
@@ -95,7 +105,7 @@ def load_dataset(source: str | os.PathLike, image_size: int | None = None, chann
     elif name == "patterns":
         data = make_patterns(n_per_class, image_size=image_size or 32, channels=channels or 3, seed=seed)
     else:
-        data = load_folder(name, image_size=image_size or 32, channels=channels or 3)
+        data = load_folder(name, image_size=image_size, channels=channels)
     return data.as_unconditional() if unconditional else data
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ditkit.data.dataset import ImageDataset
-from ditkit.notes import warn
+from ditkit.notes import note, warn
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Pillow modes of one channel with more than 8 bits, and the value that means white
@@ -29,12 +29,36 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
 
 
-def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
+GREY_MODES = {"1", "L", "LA", *WIDE_MODES}
+
+
+def check_image(path: str | os.PathLike, what: str = "image", decode: bool = True) -> None:
+    """A ValueError naming `path` when Pillow cannot read it: not an image, truncated (found only when
+    `decode`), or over Pillow's decompression-bomb limit. A missing file is left to the reader's own error."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{what} {path} is refused by Pillow as a possible decompression bomb ({err}); "
+                         f"use a smaller image") from None
+    except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{what} {path} cannot be read as an image ({err})") from None
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int,
+               seen: set[tuple[int, int, str]] | None = None) -> np.ndarray:
     """(channels, image_size, image_size) float32 in [-1, 1]: centre crop, then a high-quality resize.
 
     EXIF rotation is applied; transparent pixels become white rather than whatever colour they hide.
+    `seen` collects each file's (width, height, Pillow mode).
     """
     with Image.open(path) as im:
+        if seen is not None:
+            seen.add((*im.size, im.mode))
         im = ImageOps.exif_transpose(im)
         im = flatten(im)
         if im.mode != "F":
@@ -86,32 +110,38 @@ def list_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[s
     return files, list(groups), subfolders
 
 
-def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3) -> ImageDataset:
+def load_folder(root: str | os.PathLike, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
     """Decode every image under `root` into one ImageDataset (random flips allowed).
 
     With class subfolders, the classes are their sorted names (a subfolder without a readable image is
     dropped with a warning, so every class has examples) and images directly in `root` are ignored.
     Without subfolders the set is unconditional. Unreadable files are skipped with one warning naming
-    them all; no readable image at all is a ValueError.
+    them all and how many were used; no readable image at all is a ValueError. `image_size` and
+    `channels` default to 32 and 3 (RGB); when the images differ from a default, a note says so.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"image folders load as 1 (grey) or 3 (RGB) channels, got {channels}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    size = 32 if image_size is None else image_size
+    depth = 3 if channels is None else channels
+    if depth not in (1, 3):
+        raise ValueError(f"image folders load as 1 (grey) or 3 (RGB) channels, got {depth}")
+    if size < 1:
+        raise ValueError(f"image_size must be positive, got {size}")
     root = Path(root)
     files, groups, subfolders = list_images(root)
 
-    images, names, unreadable = [], [], []
+    images, names, unreadable, seen = [], [], [], set()
     for path, name in tqdm(files, desc=f"loading {root}", disable=len(files) <= 1000):
         try:
-            images.append(load_image(path, image_size, channels))
+            images.append(load_image(path, size, depth, seen))
             names.append(name)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
-            unreadable.append(f"{path} ({type(err).__name__})")
-    if unreadable:
-        warn(f"skipped {len(unreadable)} unreadable image(s): {'; '.join(unreadable)}", stacklevel=2)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError
+            unreadable.append(f"{path} ({type(err).__name__})")                         # is an OSError
     if not images:
-        raise ValueError(f"none of the {len(files)} image files in {root} could be read")
+        shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
+        raise ValueError(f"none of the {len(files)} image files in {root} could be read: {shown}")
+    if unreadable:
+        warn(f"skipped {len(unreadable)} unreadable image(s) of {len(files)}, using the other {len(images)}: "
+             f"{'; '.join(unreadable)}", stacklevel=2)
+    note_defaults(root, seen, size if image_size is None else None, depth if channels is None else None)
 
     present = set(names)
     classes = [name for name in groups if name in present]
@@ -124,3 +154,23 @@ def load_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3
     index = {name: k for k, name in enumerate(classes)}
     return ImageDataset(images=torch.from_numpy(np.stack(images)), labels=torch.tensor([index[n] for n in names]),
                         num_classes=len(classes), class_names=classes, hflip=True, conditional=bool(subfolders))
+
+
+def note_defaults(root: Path, seen: set[tuple[int, int, str]], size: int | None, channels: int | None) -> None:
+    """A note when a default size or channel count (the one not None) changes the folder's images: what was
+    found, what they were loaded as, and how to choose otherwise."""
+    sizes = sorted({(w, h) for w, h, _ in seen})
+    modes = sorted({mode for _, _, mode in seen})
+    resized = size is not None and sizes != [(size, size)]
+    depths = {1 if mode in GREY_MODES else 3 for mode in modes}
+    converted = channels is not None and depths != {channels}
+    if not (resized or converted):
+        return
+    found = ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + (f" and {len(sizes) - 4} more" if len(sizes) > 4 else "")
+    chosen = []
+    if size is not None:
+        chosen.append(f"{size}x{size} (the default image_size; centre-cropped and resized)")
+    if channels is not None:
+        chosen.append(f"{'RGB' if channels == 3 else 'grey'} (the default channels={channels})")
+    note(f"{root}: images of size {found} and mode {', '.join(modes)}, loaded as {' and '.join(chosen)}; "
+         f"choose others with image_size=N and channels=1 (grey) or 3 (RGB)")

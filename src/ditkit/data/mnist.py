@@ -56,11 +56,28 @@ def heldout_mask(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
-def load_mnist(image_size: int = 32, split: str = "train") -> ImageDataset:
+OPTIONS = ("classes", "per_class")  # data_args of the mnist source
+
+
+def subset_index(labels: np.ndarray, classes: list[int] | None, per_class: int | None) -> np.ndarray:
+    """Positions of the chosen digits (all: None), at most `per_class` of each: the first in the file's order."""
+    digits = list(range(10)) if classes is None else list(classes)
+    bad = [d for d in digits if not (isinstance(d, int) and 0 <= d <= 9)]
+    if bad or not digits or len(set(digits)) != len(digits):
+        raise ValueError(f"mnist classes must be distinct digits 0..9, got {classes}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"mnist per_class must be >= 1, got {per_class}")
+    return np.sort(np.concatenate([np.flatnonzero(labels == d)[:per_class] for d in digits]))
+
+
+def load_mnist(image_size: int = 32, split: str = "train", classes: list[int] | None = None,
+               per_class: int | None = None) -> ImageDataset:
     """MNIST-5k as (N, 1, image_size, image_size) float32 in [-1, 1]; `split` in train | heldout | all.
 
     Digits are padded 28 -> 32 with the background (-1); another `image_size` resizes the padded 32x32
     (bilinear, antialiased). "train" is 4,500 images, "heldout" the fixed other 500 (50 per class).
+    `classes` keeps those digits only (label k = classes[k], named by its digit); `per_class` the first that
+    many images of each digit in the split (a fixed subset).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -68,11 +85,16 @@ def load_mnist(image_size: int = 32, split: str = "train") -> ImageDataset:
         raise ValueError(f"image_size must be positive, got {image_size}")
     pixels, labels = _raw()
     held = heldout_mask(labels)
-    keep = {"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split]
+    keep = np.flatnonzero({"train": ~held, "heldout": held, "all": np.ones(len(labels), bool)}[split])
+    digits = list(range(10)) if classes is None else list(classes)
+    if classes is not None or per_class is not None:
+        keep = keep[subset_index(labels[keep], classes, per_class)]
     x = torch.from_numpy(pixels[keep]).float().div(127.5).sub(1).unsqueeze(1)
     x = F.pad(x, (2, 2, 2, 2), value=-1.0)
     if image_size != 32:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
         x = x.clamp(-1, 1)  # bilinear stays in range, but float rounding may not
-    return ImageDataset(images=x.contiguous(), labels=torch.from_numpy(labels[keep]), num_classes=10,
-                        class_names=[str(k) for k in range(10)], hflip=False)  # digits must not be mirrored
+    index = {d: k for k, d in enumerate(digits)}
+    y = torch.tensor([index[int(d)] for d in labels[keep]], dtype=torch.long)
+    return ImageDataset(images=x.contiguous(), labels=y, num_classes=len(digits),
+                        class_names=[str(d) for d in digits], hflip=False)  # digits must not be mirrored

@@ -39,6 +39,12 @@ class VideoDataset(ImageDataset):
     def frames(self) -> int:
         return self.images.shape[2]
 
+    def first_frames(self) -> ImageDataset:
+        """Each clip's first frame as an image (N, C, H, W): the frames a video model draws, for an image model
+        trained first (`init_image`)."""
+        return ImageDataset(images=self.images[:, :, 0].contiguous(), labels=self.labels,
+                            num_classes=self.num_classes, class_names=self.class_names, hflip=False)
+
     def with_channels(self, channels: int) -> VideoDataset:
         """Repeat 1-channel clips to `channels`, or reject a conversion that would invent colour."""
         if channels == self.channels:

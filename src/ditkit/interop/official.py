@@ -149,6 +149,12 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, num_heads:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: choose a new --out directory")
     model = load_official(path, num_heads=num_heads, ema=ema)
+    if not model.learn_sigma:  # the original's sampler (and ours for its checkpoints) reads a learned variance
+        raise ValueError(f"{path} predicts {model.out_channels} channels for {model.in_channels} input channels: "
+                         f"the noise alone, without the learned sigma channels that the original DiT's "
+                         f"checkpoints carry and `ditkit sample` needs; load it in Python instead "
+                         f"(ditkit.interop.official.load_official) and sample it with a fixed-variance "
+                         f"GaussianDiffusion (model_var_type='fixed_small')")
     model.save_pretrained(out)
     info = {"objective": "ddpm", "latent": True, "num_classes": model.num_classes,
             "conditional": model.num_classes > 1, "channels": model.in_channels, "image_size": model.input_size[0],

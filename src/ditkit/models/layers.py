@@ -229,6 +229,40 @@ def apply_rope_2d(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([head, out], dim=-2) if extra else out
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Channels per axis (frames, rows, columns) of 3D RoPE: each axis an even share, the spatial axes equal,
+    the frames the rest (Wan's split: 2 * (d // 6) each for rows and columns)."""
+    side = 2 * (head_dim // 6)
+    return head_dim - 2 * side, side, side
+
+
+def rope_3d_tables(head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0) -> Tensor:
+    """(f * h * w, 2 * head_dim) float32 [cos | sin] for tokens in (frame, row, column) order: the channels of
+    each axis (`rope_axes`) are pairs (x_j, x_j + half) turned by position * theta^(-2j / channels)."""
+    if head_dim % 2 or min(rope_axes(head_dim)) < 2:
+        raise ValueError(f"3D RoPE needs an even head dimension of at least 6, got {head_dim}")
+    positions = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    angles = []
+    for size, pos in zip(rope_axes(head_dim), positions):
+        freqs = theta ** (-torch.arange(0, size, 2, dtype=torch.float64) / size)  # (size / 2,)
+        a = pos.reshape(-1, 1) * freqs
+        angles.append(torch.cat([a, a], dim=1))
+    angles = torch.cat(angles, dim=1)  # (T, head_dim)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def apply_rope_3d(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate (N, heads, T, head_dim) queries or keys by a `rope_3d_tables` table (T, 2 * head_dim), or one per
+    clip or window (N, T, 2 * head_dim)."""
+    cos, sin = table.to(x.dtype).chunk(2, dim=-1)
+    if cos.ndim == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    parts = x.split(list(rope_axes(x.shape[-1])), dim=-1)
+    rotated = torch.cat([torch.cat([-p[..., p.shape[-1] // 2:], p[..., : p.shape[-1] // 2]], dim=-1)
+                         for p in parts], dim=-1)
+    return x * cos + rotated * sin
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, computed by PyTorch's SDPA
     (flash / memory-efficient kernels where the device has them; see `attention`).
@@ -243,7 +277,7 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        head_dim = dim // num_heads
+        head_dim = self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.qk_norm = qk_norm
@@ -255,13 +289,16 @@ class Attention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        """`rope`: a 3D RoPE table for these tokens (`rope_3d_tables`; the VideoDiT passes one per layout)."""
         N, T, D = x.shape
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope_2d(q, self.rope_cos, self.rope_sin), apply_rope_2d(k, self.rope_cos, self.rope_sin)
+        if rope is not None:
+            q, k = apply_rope_3d(q, rope), apply_rope_3d(k, rope)
         x = attention(q.to(v.dtype), k.to(v.dtype), v)  # (N, heads, T, D / heads)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 

@@ -27,6 +27,7 @@ from ditkit.models.layers import (
     Attention,
     LabelEmbedder,
     TimestepEmbedder,
+    rope_3d_tables,
     sincos_3d,
     sincos_image_frame,
     to_2tuple,
@@ -41,6 +42,11 @@ Grid = tuple[int, int, int]
 @functools.lru_cache(maxsize=32)
 def _positions(hidden_size: int, grid: Grid) -> Tensor:
     return torch.from_numpy(sincos_3d(hidden_size, grid)).unsqueeze(0)  # (1, T, D)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(head_dim: int, grid: Grid) -> Tensor:
+    return rope_3d_tables(head_dim, grid)
 
 
 @functools.lru_cache(maxsize=32)
@@ -91,17 +97,23 @@ def from_windows(x: Tensor, grid: Grid, window: Grid) -> Tensor:
     return x.reshape(-1, f * h * w, D)
 
 
-def window_attention(attn: Attention, x: Tensor, grid: Grid, window: Grid, shift: Grid = (0, 0, 0)) -> Tensor:
+def window_attention(attn: Attention, x: Tensor, grid: Grid, window: Grid, shift: Grid = (0, 0, 0),
+                     rope: Tensor | None = None) -> Tensor:
     """`attn` applied within each `window` box of the token grid, after rolling the grid by -`shift`
     (cyclically, without Swin's mask: a wrapped box joins tokens from opposite edges, which the position
-    embedding tells apart)."""
+    embedding tells apart). `rope`: the grid's 3D RoPE table (T, 2 * head_dim), arranged as the tokens are."""
     if window == grid:
-        return attn(x)
+        return attn(x, rope=rope)
     N, T, D = x.shape
     dims = (1, 2, 3)
     if any(shift):
         x = x.reshape(N, *grid, D).roll([-s for s in shift], dims=dims).reshape(N, T, D)
-    x = from_windows(attn(to_windows(x, grid, window)), grid, window)
+    if rope is not None:  # each box's tokens keep their own positions: the table takes the tokens' path
+        table = rope.unsqueeze(0)
+        if any(shift):
+            table = table.reshape(1, *grid, -1).roll([-s for s in shift], dims=dims).reshape(1, T, -1)
+        rope = to_windows(table, grid, window).repeat(N, 1, 1)
+    x = from_windows(attn(to_windows(x, grid, window), rope=rope), grid, window)
     if any(shift):
         x = x.reshape(N, *grid, D).roll(list(shift), dims=dims).reshape(N, T, D)
     return x
@@ -121,11 +133,12 @@ class SpaceTimeBlock(DiTBlock):
     The modulation and MLP act per token, so they are unchanged (and so are the parameter names); the
     condition c is one (N, D) row per clip or one (N, f, D) row per frame group of tokens (per-frame times)."""
 
-    def forward(self, x: Tensor, c: Tensor, grid: Grid, window: Grid, shift: Grid) -> Tensor:  # x (N, T, D)
+    def forward(self, x: Tensor, c: Tensor, grid: Grid, window: Grid, shift: Grid,
+                rope: Tensor | None = None) -> Tensor:  # x (N, T, D)
         mods = (per_token(m, x.shape[1]) for m in self.adaLN_modulation(c).chunk(6, dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h = self.norm1(x) * (1 + scale_msa) + shift_msa  # modulate(), with the modulation per token
-        x = x + gate_msa * window_attention(self.attn, h, grid, window, shift)
+        x = x + gate_msa * window_attention(self.attn, h, grid, window, shift, rope)
         x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
         return x
 
@@ -164,6 +177,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
     "image+frame" (the image DiT's 2D table on every frame, plus the frame's 1D code times `frame_gate`, a
     learned per-channel weight that starts at zero: a model inflated from an image DiT, `ditkit.models.inflate`,
     then starts as that image model applied frame by frame).
+    `rope`: also rotate every attention's queries and keys by their token's (frame, row, column) (3D RoPE, as
+    Wan and HunyuanVideo do; `models.layers.rope_3d_tables`), so attention scores depend on the offset between
+    tokens: what a digit looks like, and how far it moves in a frame, is learnt once for every place.
     """
 
     def __init__(
@@ -183,6 +199,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
         attention: str = "full",
         window: tuple[int, int, int] | list[int] = (2, 4, 4),
         pos_embed: str = "sincos3d",
+        rope: bool = False,
     ):
         super().__init__()
         H, W = to_2tuple(input_size)
@@ -197,6 +214,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
         )
         if pos_embed != "sincos3d":  # listed only when set, so the default's config.json stays as it is
             self.config["pos_embed"] = pos_embed
+        if rope:
+            self.config["rope"] = True
+        self.rope = rope
         self.pos_embed = pos_embed
         self.input_size = (H, W)
         self.num_frames = num_frames
@@ -280,6 +300,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
         grid = (x.shape[2] // self.patch_t, x.shape[3] // self.patch_size, x.shape[4] // self.patch_size)
         pos = self.positions(grid, x.device)
         x = self.x_embedder(x) + pos  # (N, T, D), T = f * h * w
+        rope = _rope_table(self.blocks[0].attn.head_dim, grid).to(x.device) if self.rope else None
         t = self.group_times(t, frames)
         label = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         if t.ndim == 1:
@@ -289,9 +310,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
         for i, block in enumerate(self.blocks):
             window, shift = self.block_window(i, grid)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, grid, window, shift, use_reentrant=False)
+                x = checkpoint(block, x, c, grid, window, shift, rope, use_reentrant=False)
             else:
-                x = block(x, c, grid, window, shift)
+                x = block(x, c, grid, window, shift, rope)
         x = self.final(x, c)  # (N, T, p * p * p_t * out_channels)
         return self.unpatchify(x, grid)[:, :, :frames]
 

@@ -29,6 +29,7 @@ from ditkit.pipeline import Pipeline
 from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit import checkpoint as ckpt
+from ditkit.checksums import sha256
 from ditkit.config import ONE_STEP, TrainConfig
 from ditkit.train.onestep import load_base_weights
 
@@ -63,6 +64,14 @@ class ImageKind:
     def saved(self, model: nn.Module) -> nn.Module:
         """The part of `model` (or of its EMA copy) that a checkpoint holds."""
         return model
+
+    def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The tensors of `saved(model)`'s state dict that a checkpoint holds (a LoRA run: its adapter's)."""
+        return state
+
+    def load_checkpoint(self, module: nn.Module, state: dict[str, Tensor]) -> None:
+        """Load a checkpoint's `checkpoint_state` into `saved(model)`."""
+        module.load_state_dict(state)
 
     def step_inputs(self, x0: Tensor, y: Tensor, drop: Tensor) -> dict[str, Tensor]:
         """The model's keyword arguments in a training step (label dropout from the trainer's generator)."""
@@ -159,10 +168,27 @@ class VideoKind(ImageKind):
 
     def run_info(self) -> dict[str, Any]:
         info = {**super().run_info(), "frames": self.data.frames}
+        if self.c.image_model is not None:
+            info["image_model"] = image_model_record(self.c.image_model, self.data)
         return {**info, "init_image": self.init_record} if self.init_record else info
 
     def save_grid(self, path: Path, real: Tensor, images: Tensor) -> None:
         save_gif(path.with_suffix(".gif"), torch.cat([real, images]), nrow=real.shape[0], scale=2)
+
+
+def image_model_record(path: str, data: ImageDataset) -> dict[str, Any]:
+    """run.json's record of the image run that draws a video run's first frames: its newest good checkpoint and
+    the sha256 of the weights sampling reads. The image run must draw the video data's classes and frames."""
+    found = ckpt.resolve_checkpoint(path)
+    info = ckpt.read_json(found / "run.json")
+    theirs = (info.get("class_names"), info.get("channels"), info.get("image_size"))
+    if theirs != (data.class_names, data.channels, data.image_size):
+        raise ValueError(f"image_model={path} draws {theirs[1]}x{theirs[2]}x{theirs[2]} images of classes "
+                         f"{theirs[0]}, but the video data's frames are {data.channels}x{data.image_size}x"
+                         f"{data.image_size} of classes {data.class_names}: train the image run on this data's frames "
+                         f"(data: moving_mnist_frames with the same data_args)")
+    weights = ckpt.weights_file(found)
+    return {"path": str(found.resolve()), "weights": weights, "sha256": sha256(found / weights)}
 
 
 class TextKind(ImageKind):

@@ -95,6 +95,22 @@ def _try_create(path: Path, me: dict[str, Any]) -> bool:
     return True
 
 
+def _locked(out: str | os.PathLike, path: Path, owner: dict[str, Any]) -> RunLocked:
+    hint = (f"wait for it to finish, or choose another --out; if that process is gone, delete {path}"
+            if owner.get("host") != socket.gethostname() else
+            "wait for it to finish (or stop it), or choose another --out")
+    return RunLocked(f"{out} is in use by another training run ({_describe(owner)}): {hint}")
+
+
+def check_unlocked(out: str | os.PathLike) -> None:
+    """RunLocked if a live process holds the lock of run directory `out` (taking nothing): what a command
+    that fails for another reason reports first, when the cause is a run still in progress there."""
+    path = Path(out) / LOCK
+    owner = _read(path)
+    if owner and not is_stale(owner):
+        raise _locked(out, path, owner)
+
+
 def acquire(out: str | os.PathLike) -> Path:
     """Take the lock of run directory `out` (created if needed); RunLocked if a live process holds it."""
     path = Path(out) / LOCK
@@ -126,10 +142,7 @@ def acquire(out: str | os.PathLike) -> Path:
                 os.link(aside, path)
             aside.unlink(missing_ok=True)
             owner = moved or owner
-        hint = (f"wait for it to finish, or choose another --out; if that process is gone, delete {path}"
-                if owner.get("host") != socket.gethostname() else
-                "wait for it to finish (or stop it), or choose another --out")
-        raise RunLocked(f"{out} is in use by another training run ({_describe(owner)}): {hint}")
+        raise _locked(out, path, owner)
     raise RunLocked(f"{out}: could not take the lock {path} (other processes keep replacing it)")
 
 

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ditkit import checkpoint as ckpt
-from ditkit.config import BASE_DIR, ONE_STEP, build_config, is_config_file
+from ditkit.config import BASE_DIR, ONE_STEP, is_config_file
 from ditkit.diffusion.distill import TrajectoryDistillation
 from ditkit.diffusion.flow import FLOW_TIME_SCALE
 from ditkit.diffusion.meanflow import MeanFlow
-from ditkit.io import write_json_atomic
 from ditkit.models.dit import RECIPE_DEFAULTS
+from ditkit.train.phases import train_first_phase
 
 
 def one_step_objective(c: Any, model: nn.Module) -> MeanFlow | TrajectoryDistillation:
@@ -84,7 +84,12 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     model.load_state_dict(state, strict=False)
 
 
-FINISHED = "finished.json"  # written there when that run ends (not interrupted): the one-step phase may start
+def _check_flow(c: Any) -> Callable[[Any], None]:
+    def check(base: Any) -> None:
+        if base.objective != "flow":
+            raise ValueError(f"base={c.base} must describe a flow-matching run (objective: flow) to start "
+                             f"{c.objective} from, got objective={base.objective}")
+    return check
 
 
 def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., Any]) -> tuple[Any, bool]:
@@ -94,20 +99,8 @@ def train_flow_base(c: Any, resume: bool, progress: bool, train: Callable[..., A
     the first phase resumes there; one already past it skips it."""
     if c.objective not in ONE_STEP or not is_config_file(c.base):
         return c, resume
-    out = Path(c.out) / BASE_DIR
-    if not (out / FINISHED).is_file():
-        # the flow run is fed time as this run is: the one-step model starts from its weights
-        base = build_config(c.base, {"out": str(out), "seed": c.seed, "minutes": c.base_minutes,
-                                     "flow_time_scale": c.flow_time_scale}, source=f"base={c.base}")
-        if base.objective != "flow":
-            raise ValueError(f"base={c.base} must describe a flow-matching run (objective: flow) to start "
-                             f"{c.objective} from, got objective={base.objective}")
-        if progress:
-            print(f"phase 1 of 2: the flow run {c.base} into {out}"
-                  + (f", at most {c.base_minutes:g} minutes" if c.base_minutes else ""), flush=True)
-        result = train(base, resume=bool(ckpt.list_checkpoints(out)), progress=progress)
-        write_json_atomic(out / FINISHED, {"checkpoint": str(result.checkpoint), "steps": result.steps,
-                                           "seconds": round(result.seconds, 1)})
-        if progress:
-            print(f"phase 2 of 2: {c.objective} from {result.checkpoint}", flush=True)
+    # the flow run is fed time as this run is: the one-step model starts from its weights
+    overrides = {"seed": c.seed, "minutes": c.base_minutes, "flow_time_scale": c.flow_time_scale}
+    out = train_first_phase("base", c.base, Path(c.out) / BASE_DIR, overrides, f"the flow run {c.base}",
+                            f"{c.objective} from its newest checkpoint", progress, train, _check_flow(c))
     return dataclasses.replace(c, base=str(out)), resume and bool(ckpt.list_checkpoints(c.out))

@@ -35,8 +35,10 @@ from ditkit.train import distributed
 from ditkit.config import ONE_STEP, TrainConfig
 from ditkit.train.ema import EMA
 from ditkit.train.interrupt import Interrupts, catch_interrupts
+from ditkit.train.finetune import finetune_kind, train_init_base, write_adapter
 from ditkit.train.kinds import ImageKind, make_kind
 from ditkit.train.lock import run_lock
+from ditkit.train.phases import train_image_model
 from ditkit.train.onestep import make_trajectories, one_step_objective, train_flow_base
 
 
@@ -167,6 +169,7 @@ class Run:
     skipped: int = 0
     metrics: list[dict[str, float]] = field(default_factory=list)
     schedule_steps: int | None = None  # where the cosine ends when fitted to `minutes` (None: c.steps)
+    fit_minutes: bool = True  # False: `minutes` is a one-off budget given on resume, which must not refit the lr
 
     @property
     def out(self) -> Path:
@@ -197,10 +200,29 @@ def start_checkpoint(c: TrainConfig, resume: bool) -> Path | None:
     return start
 
 
+def run_config(c: TrainConfig, start: Path | None, is_main: bool) -> dict[str, Any]:
+    """The config saved as the run's own (config.json and every checkpoint's run.json): for a new run, `c`;
+    for a resumed one, the config it was saved with, where only `steps` (the run's length) takes the new
+    value. Other overrides given on resume (a shorter `minutes`, a `log_every`) apply to this invocation
+    only, so the next plain --resume trains as the run was configured; they are printed as such."""
+    now = c.to_dict()
+    if start is None:
+        return now
+    saved = TrainConfig.from_dict(ckpt.read_json(start / "run.json")["train_config"],
+                                  source=str(start / "run.json")).to_dict()
+    own = {**saved, "steps": c.steps, "out": c.out}
+    once = [f"{k}={now[k]}" for k in now if k not in ("steps", "out") and now[k] != own[k]]
+    if is_main and c.steps != saved["steps"]:
+        print(f"steps={c.steps}: the run's new length (was {saved['steps']}), saved in its config", flush=True)
+    if is_main and once:
+        print(f"for this invocation only (the run's saved config keeps its own): {', '.join(once)}", flush=True)
+    return own
+
+
 def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) -> Run:
     """Data, objective, model (+ EMA), the distributed wrapper, optimizer and scaler, restored from `start`."""
     torch.manual_seed(c.seed + dist.rank)  # anything not drawn from `gen` differs per rank
-    kind = make_kind(c)
+    kind = finetune_kind(c, make_kind(c))  # init=: started from a trained model (in full, or LoRA)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = kind.build().to(dist.device)
     if c.objective in ONE_STEP:  # built from the model before any update: its teacher is the base's weights
@@ -212,8 +234,8 @@ def build_run(c: TrainConfig, dist: distributed.DistInfo, start: Path | None) ->
     run = Run(c, dist, kind, objective, model, EMA(model, decay=c.ema_decay, warmup=c.ema_warmup, power_std=c.ema_std),
               torch.Generator().manual_seed(c.seed), EpochSampler(len(kind.data), c.batch_size, c.seed))
     if start is not None:
-        kind.saved(model).load_state_dict(ckpt.load_weights(start, "model.safetensors"))
-        kind.saved(run.ema.model).load_state_dict(ckpt.load_weights(start, "ema.safetensors"))
+        kind.load_checkpoint(kind.saved(model), ckpt.load_weights(start, "model.safetensors"))
+        kind.load_checkpoint(kind.saved(run.ema.model), ckpt.load_weights(start, "ema.safetensors"))
     run.forward = distribute(run)
     run.optimizer = make_optimizer(model, c)
     run.scaler = torch.amp.GradScaler(dist.device.type, enabled=c.precision == "fp16")
@@ -265,7 +287,7 @@ def save(run: Run, info: dict[str, Any]) -> Path:
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     saved = run.kind.saved(run.model)
-    model_state = get_model_state_dict(saved, options=full)
+    model_state = run.kind.checkpoint_state(get_model_state_dict(saved, options=full))
     opt_state = get_optimizer_state_dict(run.model, run.optimizer, options=full)
     path = ckpt.step_dir(run.out, run.step)
     if run.dist.is_main:
@@ -274,7 +296,8 @@ def save(run: Run, info: dict[str, Any]) -> Path:
                  "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
                  "schedule": {"steps": run.c.steps, "ends_at": run.schedule_steps} if run.schedule_steps else None}
         path = ckpt.save_checkpoint(run.out, run.step, model_config, info, model_state,
-                                    run.kind.saved(run.ema.model).state_dict(), opt_state, extra,
+                                    run.kind.checkpoint_state(run.kind.saved(run.ema.model).state_dict()),
+                                    opt_state, extra,
                                     ckpt.rng_tensors({"train": run.gen}), run.c.keep_last)
     distributed.barrier(run.dist)
     return path
@@ -365,7 +388,8 @@ def fit_schedule(run: Run, start_step: int, start_time: float, timed_from: float
     resumed run), from the measured time per step and a 3% margin; saved with the checkpoints."""
     c = run.c
     fit_at = max(c.warmup_steps, start_step + FIT_AFTER)
-    if c.minutes is None or c.min_lr_ratio == 1.0 or run.schedule_steps is not None or run.step != fit_at:
+    if (c.minutes is None or c.min_lr_ratio == 1.0 or run.schedule_steps is not None or run.step != fit_at
+            or not run.fit_minutes):
         return
     now = time.perf_counter()
     per_step = (now - timed_from) / (run.step - start_step - 1)  # the first step (start-up) is left out
@@ -386,6 +410,60 @@ def out_of_time(run: Run, start_time: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Divergence: a run whose loss explodes or whose steps are mostly non-finite stops
+# ------------------------------------------------------------------------------------------------
+
+DIVERGE_WINDOW = 20  # the recent steps judged together
+DIVERGE_SHARE = 0.5  # stop when at least this share of them were skipped as non-finite
+EXPLODE = 1e4        # ... or at once when a step's loss exceeds this multiple of the first step's (at least 0.1)
+
+
+class TrainingDiverged(ValueError):
+    """Training stopped because it diverged; nothing written after the last good checkpoint."""
+
+
+class Health:
+    """Judges every step: its loss (averaged over processes, so all stop at the same step) against the first
+    step's, and whether its update was skipped for non-finite gradients. Under fp16 the grad scaler's own
+    skips are its calibration and are not counted."""
+
+    def __init__(self, good_checkpoint: Path | None, step: int):
+        self.good_checkpoint, self.last_good = good_checkpoint, step
+        self.first_loss: float | None = None
+        self.recent: list[bool] = []  # per recent step: bad (skipped, non-finite or exploded)
+
+    def check(self, run: Run, loss: Tensor, skipped_before: int) -> str | None:
+        """What went wrong when the run must stop now, else None."""
+        value = distributed.mean_across_ranks(loss.detach().float(), run.dist).item()
+        finite = math.isfinite(value)
+        if self.first_loss is None and finite:
+            self.first_loss = value
+        limit = EXPLODE * max(self.first_loss or 0.0, 0.1)
+        skipped = run.skipped > skipped_before and not run.scaler.is_enabled()
+        bad = skipped or not finite or value > limit
+        self.recent = (self.recent + [bad])[-DIVERGE_WINDOW:]
+        if not bad:
+            self.last_good = run.step
+            return None
+        if finite and value > limit:
+            return f"the loss reached {value:.3g} (the first step's was {self.first_loss:.3g})"
+        n = sum(self.recent)
+        if n >= DIVERGE_SHARE * DIVERGE_WINDOW:
+            return f"{n} of the last {len(self.recent)} steps had a non-finite loss or gradients and were skipped"
+        return None
+
+    def diverged(self, run: Run, reason: str) -> TrainingDiverged:
+        """The error to raise: what happened, the last good step and checkpoint, what to try."""
+        c = run.c
+        kept = (f"the last good checkpoint, {self.good_checkpoint}, is kept (--resume continues from it)"
+                if self.good_checkpoint is not None else "no checkpoint was written")
+        return TrainingDiverged(f"training diverged at step {run.step}: {reason}; the last good step was "
+                                f"{self.last_good} and nothing after it was saved; {kept}. Try a new run with a "
+                                f"lower lr (this one: lr={c.lr:g}) or more warmup_steps (this one: "
+                                f"{c.warmup_steps})")
+
+
+# ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
 
@@ -396,8 +474,12 @@ def train(c: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     raises TrainingInterrupted. A one-step config (objective meanflow or distill) whose base= is a flow config
     file trains that run first (into c.out/base), then the one-step model from it."""
     c, resume = train_flow_base(c, resume, progress, train)
+    c, resume = train_init_base(c, resume, progress, train)  # init=CONFIG_FILE: that run first, into OUT/base
+    c, resume = train_image_model(c, resume, progress, train)  # image_model=CONFIG_FILE: first, into OUT/image
     with run_lock(c.out), catch_interrupts() as stop:
-        return _train(c, resume, progress, stop)
+        result = _train(c, resume, progress, stop)
+    write_adapter(c, result.checkpoint)  # a LoRA run: OUT/adapter in peft's format
+    return result
 
 
 def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> TrainResult:
@@ -405,44 +487,31 @@ def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> Tr
     if c.batch_size % dist.world_size:
         raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.world_size} processes")
     start = start_checkpoint(c, resume)
+    own = run_config(c, start, dist.is_main)
     run = build_run(c, dist, start)
+    run.fit_minutes = c.minutes == own["minutes"]
     writer = tensorboard_writer(c, dist)  # created only once data and model are known to be valid
-    info = run.kind.run_info()
+    info = {**run.kind.run_info(), "train_config": own}
     if dist.is_main:
-        write_json_atomic(run.out / "config.json", c.to_dict())
+        write_json_atomic(run.out / "config.json", own)
 
-    start_time, start_step, last_path, loss_value = time.perf_counter(), run.step, start, float("nan")
+    start_time, start_step = time.perf_counter(), run.step
     with autocast(dist.device, c.precision):
         make_trajectories(run, progress)
-    window: list[Tensor] = []
     bar = tqdm(total=c.steps, initial=run.step, disable=not (progress and dist.is_main), dynamic_ncols=True,
                file=sys.stderr, desc="train")
-    run.model.train()
-    stop.arm()  # from here a signal ends the loop after the current step
-    timed_from = start_time
-    while run.step < c.steps and not out_of_time(run, start_time) and not stop.should_stop(dist):
-        loss, grad_norm = train_step(run)
-        window.append(loss)
-        if run.step == start_step + 1:
-            timed_from = time.perf_counter()
-        fit_schedule(run, start_step, start_time, timed_from)
-        if run.step == c.sample_guide_step and dist.is_main:  # the autoguidance model: this early EMA
-            run.kind.save_guide(run.kind.saved(run.ema.model), run.out)
-        if run.step % c.log_every == 0 or run.step == c.steps:
-            seconds = time.perf_counter() - start_time
-            loss_value = log(run, window, grad_norm, seconds, run.step - start_step, bar, writer)
-            window = []
-        bar.update(1)
-        if run.step % c.save_every == 0 or run.step == c.steps:
-            last_path = save(run, info)
-        if c.sample_every and run.step % c.sample_every == 0 and dist.is_main and run.step != c.steps:
-            sample_grid(run)
-    bar.close()
-    if writer is not None:
-        writer.close()
-
-    if last_path is None or last_path.name != ckpt.step_dir(run.out, run.step).name:
-        last_path = save(run, info)  # stopped by the time budget or a signal
+    try:
+        last_path, loss_value = train_loop(run, stop, info, bar, writer, start, start_time)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if run.step == start_step:  # the budget or a signal came before the first step: nothing to save
+        distributed.teardown(dist)
+        if stop.requested:
+            raise stop.interrupted(run.step, None, c.out)
+        raise ValueError(f"minutes={c.minutes:g} ran out before the first step: nothing was trained or saved; "
+                         f"give a larger minutes (set-up is not counted, the first step is slow)")
     if stop.requested:  # the checkpoint is written; skip the plot and the sample grid
         distributed.teardown(dist)
         raise stop.interrupted(run.step, last_path, c.out)
@@ -455,3 +524,56 @@ def _train(c: TrainConfig, resume: bool, progress: bool, stop: Interrupts) -> Tr
     return TrainResult(out=run.out, checkpoint=last_path, steps=run.step, final_loss=loss_value, seconds=seconds,
                        images_per_second=(run.step - start_step) * c.batch_size / max(seconds, 1e-9),
                        skipped_steps=run.skipped, start_step=start_step)
+
+
+def train_loop(run: Run, stop: Interrupts, info: dict[str, Any], bar: tqdm, writer: Any, start: Path | None,
+               start_time: float) -> tuple[Path | None, float]:
+    """Step until c.steps, the time budget or a signal; returns the newest checkpoint and the last logged
+    loss. Every step is judged (`Health`): a diverging run stops with TrainingDiverged, saving nothing more."""
+    c, dist = run.c, run.dist
+    start_step, last_path, loss_value, health = run.step, start, float("nan"), Health(start, run.step)
+    window: list[Tensor] = []
+    due = False  # a checkpoint is due
+    run.model.train()
+    stop.arm()  # from here a signal ends the loop after the current step
+    timed_from = start_time
+    while run.step < c.steps and not out_of_time(run, start_time) and not stop.should_stop(dist):
+        skipped_before = run.skipped
+        loss, grad_norm = train_step(run)
+        window.append(loss)
+        if run.step == start_step + 1:
+            timed_from = time.perf_counter()
+        reason = health.check(run, loss, skipped_before)
+        if reason is not None:
+            log(run, window, grad_norm, time.perf_counter() - start_time, run.step - start_step, bar, writer)
+            distributed.teardown(dist)
+            raise health.diverged(run, reason)
+        fit_schedule(run, start_step, start_time, timed_from)
+        if run.step == c.sample_guide_step and dist.is_main:  # the autoguidance model: this early EMA
+            run.kind.save_guide(run.kind.saved(run.ema.model), run.out)
+        if run.step % c.log_every == 0 or run.step == c.steps:
+            loss_value = log(run, window, grad_norm, time.perf_counter() - start_time, run.step - start_step,
+                             bar, writer)
+            window = []
+        bar.update(1)
+        due = due or run.step % c.save_every == 0 or run.step == c.steps
+        if due and health.last_good == run.step:  # a checkpoint due at a bad step waits for the next good one
+            last_path = health.good_checkpoint = save_checked(run, info, health)
+            due = False
+        if c.sample_every and run.step % c.sample_every == 0 and dist.is_main and run.step != c.steps:
+            sample_grid(run)
+    if window:  # the steps since the last log point (the budget or a signal can end between two)
+        loss_value = log(run, window, grad_norm, time.perf_counter() - start_time, run.step - start_step, bar,
+                         writer)
+    if run.step > start_step and (last_path is None or last_path.name != ckpt.step_dir(run.out, run.step).name):
+        last_path = save_checked(run, info, health)  # stopped by the time budget or a signal
+    return last_path, loss_value
+
+
+def save_checked(run: Run, info: dict[str, Any], health: Health) -> Path:
+    """`save`, where state that is no longer finite stops the run as diverged instead of being written."""
+    try:
+        return save(run, info)
+    except ckpt.NonFiniteState as err:
+        distributed.teardown(run.dist)
+        raise health.diverged(run, str(err)) from None

@@ -103,6 +103,7 @@ function applyModel(m) {
   $("prompt-row").hidden = !text;
   $("class-row").hidden = text || !m.conditional;
   $("frames-row").hidden = m.kind !== "video";
+  $("lora-row").hidden = !m.adapter;
   const classes = $("classes");
   const before = classes.value;
   classes.replaceChildren();
@@ -142,6 +143,7 @@ function settings() {
   }
   else if (m.conditional) body.classes = $("classes").value;
   if (m.kind === "video") body.frames = $("frames").value;
+  if (m.adapter) body.lora_scale = $("lora-scale").value;
   return body;
 }
 

@@ -261,6 +261,13 @@ def weights_file(path: Path, ema: bool = True) -> str:
     return "ema.safetensors" if ema and (Path(path) / "ema.safetensors").is_file() else "model.safetensors"
 
 
+def weights_record(path: Path) -> dict[str, str]:
+    """What a run records of a checkpoint directory it starts from or samples with (init_image, image_model,
+    a fine-tune's base): its path, the weights file `weights_file` picks and that file's sha256."""
+    weights = weights_file(path)
+    return {"path": str(Path(path).resolve()), "weights": weights, "sha256": sha256(Path(path) / weights)}
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON file (config.json, run.json); CheckpointError if it does not parse."""
     try:

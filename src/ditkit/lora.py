@@ -81,12 +81,12 @@ def load_source(source: str | os.PathLike, num_heads: int | None = None) -> tupl
         raise ValueError(f"init={source} is itself an adapter run: merge it first (ditkit merge {source} --out DIR) "
                          f"and start from DIR")
     model_type = ckpt.read_json(found / "config.json").get("model_type")
-    weights = ckpt.weights_file(found, ema=True)
-    model = saved_kind(model_type).load_model(found, weights, model_type, info, "cpu")
+    record = ckpt.weights_record(found)
+    model = saved_kind(model_type).load_model(found, record["weights"], model_type, info, "cpu")
     num = int(info.get("num_classes", getattr(model, "num_classes", 0) or 0))
     facts = {"objective": info.get("objective", "ddpm"), "class_names": info.get("class_names")
              or [str(k) for k in range(num)], "info": info}
-    return model, {"path": str(found.resolve()), "sha256": sha256(found / weights), "weights": weights}, facts
+    return model, record, facts
 
 
 def check_base(record: dict[str, Any]) -> Path:

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ditkit import checkpoint as ckpt
-from ditkit.checksums import sha256
 from ditkit.models.dit import DiT
 from ditkit.models.layers import sincos_2d
 from ditkit.models.video import VideoDiT
@@ -129,6 +128,5 @@ def load_image_dit(path: str | Path, objective: str, flow_time_scale: float) -> 
         raise ValueError(f"init_image={path}: {found} was trained with objective={theirs[0]} and flow_time_scale="
                          f"{theirs[1]}; this run has objective={objective} and flow_time_scale={flow_time_scale:g}: "
                          f"start from an image run of the same objective")
-    weights = ckpt.weights_file(found)
-    model = DiT.from_pretrained(found, weights_name=weights)
-    return model, {"path": str(found.resolve()), "weights": weights, "sha256": sha256(found / weights)}
+    record = ckpt.weights_record(found)
+    return DiT.from_pretrained(found, weights_name=record["weights"]), record

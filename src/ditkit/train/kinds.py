@@ -29,7 +29,6 @@ from ditkit.pipeline import Pipeline
 from ditkit.text.prompts import PromptTable
 from ditkit.text import load_text_encoder
 from ditkit import checkpoint as ckpt
-from ditkit.checksums import sha256
 from ditkit.config import ONE_STEP, TrainConfig
 from ditkit.train.onestep import load_base_weights
 
@@ -126,12 +125,15 @@ class VideoKind(ImageKind):
     init_image, started from an image DiT run (`ditkit.models.inflate`)."""
 
     init_record: dict[str, Any] | None = None  # the image checkpoint the model started from (run.json)
+    image_record: dict[str, Any] | None = None  # the image run that draws the first frames (run.json)
 
     def __init__(self, c: TrainConfig, data: ImageDataset):
         super().__init__(c, data)
         if c.context_share and c.context_frames >= data.frames:
             raise ValueError(f"context_frames={c.context_frames} leaves nothing to generate in the data's clips of "
                              f"{data.frames} frames: give fewer frames")
+        if c.image_model is not None:  # checked and hashed once, before anything is built
+            self.image_record = image_model_record(c.image_model, data)
 
     def given_frames(self, n: int, generator: torch.Generator) -> Tensor | None:
         """For a context_share of the clips (drawn from the trainer's generator), the first context_frames
@@ -168,8 +170,8 @@ class VideoKind(ImageKind):
 
     def run_info(self) -> dict[str, Any]:
         info = {**super().run_info(), "frames": self.data.frames}
-        if self.c.image_model is not None:
-            info["image_model"] = image_model_record(self.c.image_model, self.data)
+        if self.image_record is not None:
+            info["image_model"] = self.image_record
         return {**info, "init_image": self.init_record} if self.init_record else info
 
     def save_grid(self, path: Path, real: Tensor, images: Tensor) -> None:
@@ -187,8 +189,7 @@ def image_model_record(path: str, data: ImageDataset) -> dict[str, Any]:
                          f"{theirs[0]}, but the video data's frames are {data.channels}x{data.image_size}x"
                          f"{data.image_size} of classes {data.class_names}: train the image run on this data's frames "
                          f"(data: moving_mnist_frames with the same data_args)")
-    weights = ckpt.weights_file(found)
-    return {"path": str(found.resolve()), "weights": weights, "sha256": sha256(found / weights)}
+    return ckpt.weights_record(found)
 
 
 class TextKind(ImageKind):

@@ -34,6 +34,7 @@ class CountingModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, counter: CountingModel | None = None):
         super().__init__()
         self.model, self.calls, self.counter = model, 0, counter
+        self.guidance_range = getattr(model, "guidance_range", None)  # a model told its CFG scale stays one
 
     def forward(self, *args, **kwargs):
         if self.counter is not None:

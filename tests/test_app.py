@@ -540,7 +540,25 @@ def other_runs(tmp_path_factory) -> Path:
                         "batch_size=8", *SMALL]), progress=False)
     train(build_config(None, {"data": "moving_mnist", "out": str(root / "video"), "steps": 2},
                        ["frames=4", 'data_args={"n_clips": 200}', "batch_size=4", *SMALL]), progress=False)
+    video_run(root / "context", context=True)
     return root
+
+
+def video_run(out: Path, context: bool) -> Path:
+    """A 2-step 16x16, 4-frame moving-MNIST run; `context`: trained with frame conditioning (context_share)."""
+    train(build_config(None, {"data": "moving_mnist", "out": str(out), "steps": 2},
+                       ["frames=4", 'data_args={"n_clips": 64, "motion": "class"}', "batch_size=4", *SMALL,
+                        *(["context_share=0.5"] if context else [])]), progress=False)
+    return out
+
+
+def gif_frames(data: bytes) -> list[np.ndarray]:
+    with Image.open(io.BytesIO(data)) as gif:
+        frames = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            frames.append(np.asarray(gif.convert("L")))
+    return frames
 
 
 def test_text_runs_take_prompts_and_video_runs_give_clips(other_runs):
@@ -563,3 +581,153 @@ def test_text_runs_take_prompts_and_video_runs_give_clips(other_runs):
         assert clip.format == "GIF" and clip.n_frames == 6  # the frames asked for, not the 4 trained on
         status, data = call(f"{base}/api/edit", {"run": "video", "image": "x"})
         assert status == 400 and data == {"error": "editing works on image runs; this is a video run"}
+
+
+def test_a_video_run_takes_an_uploaded_first_frame_that_starts_every_clip(other_runs):
+    rng = np.random.default_rng(3)
+    digit = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    with served(create_app(runs=other_runs, device="cpu")) as base:
+        assert call(f"{base}/api/model?run=context")[1]["first_frame"] == "trained"
+        assert call(f"{base}/api/model?run=video")[1]["first_frame"] == "inpaint"
+        assert call(f"{base}/api/model?run=text")[1]["first_frame"] is None
+        body = {"run": "context", "classes": "3 5", "n": 2, "steps": 2, "first_frame": data_url(digit)}
+        state = wait(base, call(f"{base}/api/generate", body)[1]["job"])
+        assert state["status"] == "done" and state["labels"] == [3, 5, 3, 5] and state["notes"] == []
+        assert state["settings"]["frame_conditioning"] == "trained"
+        for url in state["images"]:  # each clip's first frame is the upload, pixel for pixel; the rest are drawn
+            frames = gif_frames(call(base + url)[1])
+            assert len(frames) == 4 and np.array_equal(frames[0], np.asarray(digit))
+            assert not np.array_equal(frames[1], frames[0])
+        # a run without frame conditioning keeps it too, by the training-free form, and says so
+        state = wait(base, call(f"{base}/api/generate", {**body, "run": "video", "classes": "1", "n": 1})[1]["job"])
+        assert state["settings"]["frame_conditioning"] == "inpaint"
+        assert any("training-free" in n for n in state["notes"])
+        assert np.array_equal(gif_frames(call(base + state["images"][0])[1])[0], np.asarray(digit))
+        # colour of another size: converted and resized, as `ditkit sample --first-frame` does, with its notes
+        colour = Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8))
+        state = wait(base, call(f"{base}/api/generate", {**body, "first_frame": data_url(colour, "JPEG")})[1]["job"])
+        assert state["status"] == "done"
+        assert any("converted the image to grey" in n for n in state["notes"])
+        assert any("resized the 24x40 image to the model's 16x16" in n for n in state["notes"])
+        for bad, message in [
+            ("data:image/png;base64,bm90IGFuIGltYWdl", "the first frame could not be read as an image"),
+            (data_url(Image.new("L", (5000, 8))), "the first frame is 5000x8: at most 4096 pixels"),
+            (12, "the first frame must be sent as a data URL"),
+        ]:
+            status, data = call(f"{base}/api/generate", {**body, "first_frame": bad})
+            assert status == 400 and data["error"].startswith(message)
+        status, data = call(f"{base}/api/generate", {"run": "text", "prompts": "a red circle",
+                                                     "first_frame": data_url(digit)})
+        assert status == 400 and data == {"error": "a first frame starts a clip: it applies to video runs, and this "
+                                                   "is a text run"}
+    frame = params.frame_tensor(Image.new("RGBA", (5, 7), (0, 0, 0, 0)))  # transparent: white, at its own size
+    assert frame.shape == (1, 3, 7, 5) and frame.eq(1).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter runs: further adapters on the same base, with weights
+# ------------------------------------------------------------------------------------------------
+
+def adapter_runs(root: Path) -> Path:
+    """Under `root`: base (8x8 digits 0-2), its adapters digits (adds class 3), style and style2 (the base's
+    own classes), and foreign, an adapter on another base (base2); tests/test_lora.py's tiny settings."""
+    pytest.importorskip("peft")
+    from test_lora import tiny_config
+
+    torch.set_num_threads(1)
+    for base in ("base", "base2"):
+        train(tiny_config(root / base, steps=2, seed=len(base), data_args={"classes": [0, 1, 2]}), progress=False)
+    adapters = {"digits": ("base", [2, 3], 10), "style": ("base", [0, 1], 4), "style2": ("base", [1, 2], 4),
+                "foreign": ("base2", [0, 1], 4)}
+    for name, (base, classes, per_class) in adapters.items():
+        train(tiny_config(root / name, steps=2, lr=0.05, init=str(root / base), lora_rank=2,
+                          data_args={"classes": classes, "per_class": per_class}), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory) -> Path:
+    return adapter_runs(tmp_path_factory.mktemp("adapters"))
+
+
+def test_adapter_parameters_are_checked():
+    adapted = {**FACTS, "adapter": True}
+    assert params.adapter_weights({"a": "0.5", "b": 1}, adapted) == {"a": 0.5, "b": 1.0}
+    assert params.adapter_weights(None, FACTS) == {} and params.adapter_weights({}, FACTS) == {}
+    for value, facts, message in [
+        ({"a": 1}, FACTS, "further adapters combine with an adapter run"),
+        ([["a", 1]], adapted, "adapters must be an object {run: weight}, got list"),
+        ({"a": "heavy"}, adapted, "the weight of adapter a must be a number from -1 to 4, got 'heavy'"),
+        ({"a": 5}, adapted, "the weight of adapter a must be a number from -1 to 4"),
+        ({str(i): 1 for i in range(9)}, adapted, "at most 8 further adapters at once, got 9"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("{", "\\{").replace("}", "\\}")):
+            params.adapter_weights(value, facts)
+
+
+def test_the_page_lists_adapters_on_the_same_base_and_composes_them_with_weights(lora_runs):
+    from ditkit.checkpoint import resolve_checkpoint
+    from ditkit.images import to_uint8
+    from ditkit.pipeline import Pipeline
+
+    app = create_app(runs=lora_runs, device="cpu")
+    with served(app) as base:
+        model = call(f"{base}/api/model?run=digits")[1]
+        assert model["adapter"] and model["class_names"] == ["0", "1", "2", "3"]
+        # the adapter runs on digits' base: not base itself, not foreign (another base)
+        assert model["adapter_choices"] == [{"run": "style", "why": None}, {"run": "style2", "why": None}]
+        choices = call(f"{base}/api/model?run=style")[1]["adapter_choices"]
+        assert [c["run"] for c in choices] == ["digits", "style2"] and "adds classes of its own" in choices[0]["why"]
+        assert call(f"{base}/api/model?run=base")[1]["adapter_choices"] == []
+
+        def pictures(body):
+            state = wait(base, call(f"{base}/api/generate", {"run": "digits", "classes": "0 3", "n": 1,
+                                                             "steps": 2, **body})[1]["job"])
+            assert state["status"] == "done", state
+            return [np.asarray(Image.open(io.BytesIO(call(base + url)[1]))) for url in state["images"]]
+
+        def expected(adapters):
+            pipe = Pipeline.load(lora_runs / "digits", device="cpu",
+                                 adapters={str(lora_runs / k): w for k, w in adapters.items()} or None)
+            clips = pipe.generate(classes=[0, 3], steps=2, progress=False).images
+            return [image[..., 0] for image in to_uint8(clips)]
+
+        digit = data_url(Image.fromarray(np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8)))
+
+        def edited():
+            state = wait(base, call(f"{base}/api/edit", {"run": "digits", "image": digit, "classes": "3",
+                                                         "steps": 2, "strength": 0.6})[1]["job"])
+            return call(base + state["images"][0])[1]
+
+        before = edited()  # an edit uses the run's adapter as trained, whatever scale a generate set before it
+        assert wait(base, call(f"{base}/api/generate", {"run": "digits", "steps": 1, "lora_scale": 0})[1]["job"])[
+            "status"] == "done"
+        assert edited() == before
+        alone = pictures({})
+        assert all(np.array_equal(a, b) for a, b in zip(alone, expected({})))
+        state = wait(base, call(f"{base}/api/generate", {"run": "digits", "steps": 1,
+                                                         "adapters": {"style2": 1.0, "style": "0.5"}})[1]["job"])
+        assert state["settings"]["adapters"] == "style 0.5, style2 1"
+        both = pictures({"adapters": {"style2": 1.0, "style": "0.5"}})
+        assert all(np.array_equal(a, b) for a, b in zip(both, expected({"style": 0.5, "style2": 1.0})))
+        assert not all(np.array_equal(a, b) for a, b in zip(both, alone))
+        # another weight: the same composed pipeline, weighed again (no reload); weight 0 is digits alone
+        zero = pictures({"adapters": {"style": 0, "style2": 0}})
+        assert all(np.array_equal(a, b) for a, b in zip(zero, alone))
+        assert all(np.array_equal(a, b) for a, b in zip(pictures({"adapters": {"style": 0.5, "style2": 1}}), both))
+        composed = tuple(str(resolve_checkpoint((lora_runs / k).resolve())) for k in ("style", "style2"))
+        assert [key[2] for key in app.state.app.pipes._pipes if key[2]] == [composed]  # one load for both weights
+        for run, adapters, status, message in [
+            ("digits", {"foreign": 1}, 400, "adapter foreign was trained on another base ("),
+            ("digits", {"nope": 1}, 404, "no run 'nope' is served here"),
+            ("digits", {"digits": 1}, 400, "adapter digits is the run loaded: its own adapter's weight is the LoRA "
+                                           "scale"),
+            ("digits", {"base": 1}, 400, "adapter base is not an adapter run"),
+            ("digits", {"style": 9}, 400, "the weight of adapter style must be a number from -1 to 4, got 9"),
+            ("style", {"digits": 1}, 400, "a further adapter may not add classes"),
+            ("base", {"style": 1}, 400, "further adapters combine with an adapter run"),
+        ]:
+            got, data = call(f"{base}/api/generate", {"run": run, "steps": 1, "adapters": adapters})
+            assert got == status and message in data["error"], (adapters, data)
+        assert "adapters combine only on the same base" in call(f"{base}/api/generate", {
+            "run": "digits", "adapters": {"foreign": 1}})[1]["error"]

@@ -271,3 +271,22 @@ def test_a_config_file_as_init_is_trained_first_into_out_base(tmp_path):
     assert Pipeline.load(out).class_names == ["0", "1", "2"]
     main(["train", "--config", str(tmp_path / "lora.json"), "--out", str(out), "--resume", "--steps", "3"])
     assert (out / "checkpoints" / "step_00000003").is_dir()  # phase 1 is not trained again
+
+
+def test_a_diffusers_directory_is_a_base(tmp_path):
+    from ditkit.interop.diffusers import to_diffusers
+
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    original = DiT(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, patch_size=2, num_classes=10,
+                   learn_sigma=True).eval()
+    to_diffusers(original).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "from_hf"
+    train(tiny_config(out, steps=1, objective="ddpm", init=str(tmp_path / "hf"), lora_rank=2,
+                      data_args={"classes": [3, 4], "per_class": 4}), progress=False)
+    info = json.loads(next((out / "checkpoints").iterdir()).joinpath("run.json").read_text())
+    assert info["adapter"]["base"]["weights"] == "diffusion_pytorch_model.safetensors"
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 4])
+    ours = Pipeline.load(out)
+    ours.scale_adapter(0.0)
+    torch.testing.assert_close(ours.model(x, t, y), original(x, t, y), atol=1e-5, rtol=0)

@@ -155,8 +155,10 @@ def test_context_training_draws_its_mask_from_the_generator_and_resumes_bit_iden
     settings = [*TINY_RUN, "context_share=0.5", "context_frames=2", "lr=1e-3"]
     kind = make_kind(build_config(None, {"out": str(tmp_path / "k")}, settings))
     mask = kind.given_frames(64, torch.Generator().manual_seed(0))
-    assert mask.shape == (64, 4) and torch.equal(mask[:, 0], mask[:, 1]) and not mask[:, 2:].any()
+    # chosen clips get their first frame, or their first two (a velocity for extension), never a later one alone
+    assert mask.shape == (64, 4) and not mask[:, 2:].any() and not (mask[:, 1] & ~mask[:, 0]).any()
     assert 0.25 < mask[:, 0].float().mean() < 0.75
+    assert 0 < mask[:, 1].sum() < mask[:, 0].sum()
     plain = make_kind(build_config(None, {"out": str(tmp_path / "p")}, TINY_RUN))
     g = torch.Generator().manual_seed(0)
     assert plain.given_frames(64, g) is None  # and draws nothing
@@ -219,6 +221,11 @@ def test_image_to_video_keeps_the_first_frame_exactly(runs):
     assert all(torch.equal(clip[:, 0], frame) for clip in samples.images)
     inpainted = pipe.generate(first_frame=frame, classes=[3], steps=2, progress=False, frame_conditioning="inpaint")
     assert torch.equal(inpainted.images[0, :, 0], frame) and inpainted.settings["frame_conditioning"] == "inpaint"
+    each = torch.stack([frames_like((1, 16, 16)) * (i + 1) / 4 for i in range(4)])[:, :, None]  # one per clip
+    own = pipe.generate(first_frame=each, classes=[3, 5], n_per_class=2, steps=2, progress=False)
+    assert torch.equal(own.images[:, :, :1], each)
+    with pytest.raises(ValueError, match=r"one per clip \(4, C, k, H, W\), got shape \(3, 1, 1, 16, 16\)"):
+        pipe.generate(first_frame=each[:3], classes=[3, 5], n_per_class=2, steps=2, progress=False)
 
 
 def test_longer_clips_are_drawn_by_extension(runs):
@@ -238,7 +245,7 @@ def test_bad_frame_input_gets_a_note_or_one_clear_error(runs, tmp_path):
     samples = context.generate(first_frame=colour, classes=[2], steps=2, progress=False)
     assert any("converted the image to grey" in n for n in samples.notes)
     assert any("resized the 24x40 image to the model's 16x16" in n for n in samples.notes)
-    fitted = context._first_frames(colour, [])
+    fitted = context._first_frames(colour, 1, [])
     assert torch.equal(samples.images[0, :, :1], fitted[0])
 
     odd = plain.generate(classes=[2], frames=3, steps=2, progress=False)  # patch_t 2

@@ -68,7 +68,8 @@ class VideoConfig:
     context_share: float = identity(0.0)         # frame conditioning: the share of training clips whose first
     #                                              context_frames frames are given clean (t = 0, no loss), for
     #                                              image-to-video and longer clips by extension (docs/video.md)
-    context_frames: int = identity(1)            # frames given in those clips; a multiple of patch_t (whole tubelets)
+    context_frames: int = identity(1)            # the most frames given in those clips (each draws 1..this many
+    #                                              whole tubelets); a multiple of patch_t; extension keeps this many
     image_model: str | None = identity(None)     # an image run that draws each clip's first frame, which this video
     #                                              model continues (Emu Video's factorisation; needs context_share);
     #                                              a config file is trained first, into OUT/image
@@ -129,6 +130,11 @@ class ObjectiveConfig:
     #                                              target's v instead of noise - x0 (same mean, far less variance)
     meanflow_cfg_interval: tuple[float, float] | None = identity(None)  # meanflow: the times (lo, hi) where
     #                                              meanflow_cfg applies (None: all; outside it w = 1)
+    meanflow_loss: str = identity("u")           # meanflow: "u" (the paper's loss on the average velocity) or "v"
+    #                                              (iMF's: on the instantaneous velocity, the target free of the model)
+    meanflow_cfg_range: tuple[float, float] | None = identity(None)  # meanflow: guidance scales (lo, hi) drawn
+    #                                              per row and fed to the model (a guidance embedder), so
+    #                                              `ditkit sample --cfg W` steers one model; meanflow_cfg stays 1
     distill_trajectories: int = identity(2048)   # distill: the base run's guided ODE solved from this many noises
     #                                              before training (inside `minutes`)
     distill_heun_steps: int = identity(8)        # distill: Heun steps of each of those solves
@@ -453,6 +459,23 @@ def validate_one_step(c: TrainConfig) -> None:
     if c.meanflow_cfg < 1 or c.distill_cfg < 1:
         raise ValueError(f"meanflow_cfg and distill_cfg must be >= 1 (1: no guidance), got {c.meanflow_cfg}, "
                          f"{c.distill_cfg}")
+    if c.meanflow_loss not in ("u", "v"):
+        raise ValueError(f"meanflow_loss must be u (MeanFlow's) or v (iMF's), got {c.meanflow_loss!r}")
+    if c.meanflow_cfg_range is not None:
+        lo_hi = c.meanflow_cfg_range
+        if c.objective != "meanflow":
+            raise ValueError("meanflow_cfg_range is for objective=meanflow")
+        if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"meanflow_cfg_range must be [lo, hi] with 1 <= lo <= hi, got {list(lo_hi)}")
+        if c.meanflow_cfg != 1 or c.meanflow_teacher:
+            raise ValueError("meanflow_cfg_range draws each row's guidance scale: leave meanflow_cfg at 1 and "
+                             "meanflow_teacher false")
+        if c.class_dropout_prob == 0 or c.unconditional:
+            raise ValueError("meanflow_cfg_range guides against the null label, which a model trained with "
+                             "class_dropout_prob=0 or unconditional=true lacks")
+        if c.sample.cfg_interval is not None:
+            raise ValueError("meanflow_cfg_range makes the CFG scale a model input, used on every step: set "
+                             "sample.cfg_interval: null")
     if c.objective != "distill":
         return
     if c.base is None:

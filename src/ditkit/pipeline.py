@@ -184,7 +184,8 @@ class Pipeline:
         one image per column (K, C, H, W) in [-1, 1] whose structure the samples follow. `options`: further
         `ditkit.sample()` keywords (e.g. guided_channels, precision="fp16" on a CUDA GPU).
         Video runs: `first_frame` (an image file, (C, H, W) or (1, C, H, W) in [-1, 1], or the first k frames
-        (1, C, k, H, W)) starts every clip, kept exactly; `frames` beyond the trained window are drawn by
+        (1, C, k, H, W)) starts every clip, kept exactly, or (N, C, k, H, W) starts each of the N clips (in the
+        order of the samples' labels); `frames` beyond the trained window are drawn by
         extension (`extend`), each window conditioned on the last frames of the one before; `frame_conditioning`
         "trained" | "inpaint" (None: as the run allows; see `ditkit.kinds.VideoRun.frame_plan`).
         `lora_scale` (adapter runs): the run's adapter at this weight (1: as trained, 0: the base)."""
@@ -195,7 +196,8 @@ class Pipeline:
         model = self._kind.conditioned(self, model, condition, len(columns), n_per_class)
         clip = self._kind.clip(self, frames)  # clips are (N, C, F, H, W)
         notes: list[str] = []
-        given = self._first_frames(first_frame, notes) if first_frame is not None and clip else first_frame
+        clips = len(columns) * n_per_class
+        given = self._first_frames(first_frame, clips, notes) if first_frame is not None and clip else first_frame
         if given is None and clip:
             given = self._kind.drawn_first_frames(self, columns, n_per_class, seed, progress)
         plan = self._kind.frame_plan(self, given, frames, extend, frame_conditioning, notes)
@@ -216,18 +218,23 @@ class Pipeline:
         images = raw.float().cpu() if self.latents_only else self.decode(raw).cpu()
         return Samples(images, y.cpu(), len(columns), {**s, "seed": seed}, decoded=not self.latents_only, notes=notes)
 
-    def _first_frames(self, first: str | os.PathLike | Tensor, notes: list[str]) -> Tensor:
-        """(1, C, k, H, W) in [-1, 1] from an image (a file, (C, H, W) or (1, C, H, W)) or k frames (1, C, k, H, W):
-        each frame fitted as `edit` fits its image (grey <-> colour converted, another size resized, noted once)."""
+    def _first_frames(self, first: str | os.PathLike | Tensor, clips: int, notes: list[str]) -> Tensor:
+        """(1 or clips, C, k, H, W) in [-1, 1] from an image (a file, (C, H, W) or (1, C, H, W)) or k frames
+        (1, C, k, H, W) for every clip, or k frames of each clip (clips, C, k, H, W), in the clips' order: each
+        frame fitted as `edit` fits its image (grey <-> colour converted, another size resized, noted once)."""
         if not isinstance(first, Tensor):
             first = read_image(first)
-        if first.ndim == 5 and first.shape[0] != 1:
-            raise ValueError(f"first frames must be one clip's, (1, C, k, H, W), got shape {tuple(first.shape)}")
-        frames = list(first[0].unbind(1)) if first.ndim == 5 else [first]
+        if first.ndim == 5 and first.shape[0] not in (1, clips):
+            raise ValueError(f"first frames must be one clip's (1, C, k, H, W) or one per clip ({clips}, C, k, H, W), "
+                             f"got shape {tuple(first.shape)}")
         seen: list[str] = []
-        fitted = [self._fit_image(frame.float(), seen) for frame in frames]
+        if first.ndim == 5:
+            fit = [[self._fit_image(frame[None].float(), seen)[0] for frame in clip.unbind(1)] for clip in first]
+            fitted = torch.stack([torch.stack(clip, dim=1) for clip in fit])
+        else:
+            fitted = self._fit_image(first.float(), seen)[:, :, None]
         notes.extend(dict.fromkeys(seen))
-        return torch.stack(fitted, dim=2)  # (1, C, k, H, W)
+        return fitted  # (1 or clips, C, k, H, W)
 
     # ---- edit ----------------------------------------------------------------------------------
     def edit(self, image: str | os.PathLike | Tensor, mask: str | os.PathLike | Tensor | None = None,

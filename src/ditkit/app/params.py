@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ditkit.data.folder import flatten
+
 MAX_STEPS = 1000
 MAX_IMAGES = 64  # per request: samples per class x classes
 MAX_CFG = 100.0
@@ -132,6 +134,11 @@ def generate_args(body: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]
     args["n_per_class"] = n
     if kind == "video" and not _missing(body.get("frames")):
         args["frames"] = whole(body["frames"], "frames", 1, 64)
+    if not _missing(body.get("first_frame")):
+        if kind != "video":
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ValueError(f"a first frame starts a clip: it applies to video runs, and this is {article} {kind} run")
+        args["first_frame"] = frame_tensor(decode_upload(body["first_frame"], "first frame"))
     if facts.get("adapter") and not _missing(body.get("lora_scale")):
         args["lora_scale"] = real(body["lora_scale"], "LoRA scale", MIN_LORA_SCALE, MAX_LORA_SCALE)
     if not facts["conditional"]:
@@ -140,6 +147,22 @@ def generate_args(body: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]
 
 
 MIN_LORA_SCALE, MAX_LORA_SCALE = -1.0, 4.0  # beyond these an adapter only distorts the base
+MAX_ADAPTERS = 8  # further adapter runs composed on one base per request
+
+
+def adapter_weights(value: Any, facts: dict[str, Any]) -> dict[str, float]:
+    """Further adapter runs {served run id: weight} to compose with the loaded adapter run; {} for none."""
+    if _missing(value) or value == {}:
+        return {}
+    if not facts.get("adapter"):
+        raise ValueError("further adapters combine with an adapter run (one trained with lora_rank): load one of "
+                         "them as the run and tick the others")
+    if not isinstance(value, dict):
+        raise ValueError(f"adapters must be an object {{run: weight}}, got {type(value).__name__}")
+    if len(value) > MAX_ADAPTERS:
+        raise ValueError(f"at most {MAX_ADAPTERS} further adapters at once, got {len(value)}")
+    return {str(run): real(weight, f"the weight of adapter {run}", MIN_LORA_SCALE, MAX_LORA_SCALE)
+            for run, weight in value.items()}
 
 
 def edit_args(body: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +230,17 @@ def image_tensor(image: Image.Image, channels: int, size: tuple[int, int]) -> Te
     image = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
     arr = np.asarray(image, dtype=np.float32)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr / 127.5 - 1).unsqueeze(0)
+
+
+def frame_tensor(image: Image.Image) -> Tensor:
+    """(1, C, H, W) in [-1, 1] at the upload's own size, C = 1 for a grey image and 3 for a colour one, read
+    as `ditkit sample --first-frame` reads a file: the Pipeline fits it to the model and notes what it changed."""
+    image = flatten(image)  # transparency on white; 16-bit grey kept in range
+    grey = image.mode in ("1", "L", "F")
+    arr = (np.asarray(image, dtype=np.float32) * 255 if image.mode == "F"
+           else np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32))
+    arr = arr[None] if grey else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr / 127.5 - 1).unsqueeze(0)
 
 

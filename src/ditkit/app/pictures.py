@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,13 +34,15 @@ def grid_png(images: Tensor, ncol: int) -> bytes:
 
 @dataclass
 class Result:
-    """A finished job's pictures; `media` is image/png or image/gif (clips)."""
+    """A finished job's pictures; `media` is image/png or image/gif (clips); `notes`: what the Pipeline adapted
+    (an upload resized or converted, how a first frame was kept)."""
     media: str
     images: list[bytes]
     grid: bytes
     labels: list[int]
     settings: dict[str, Any]
     ncol: int = 1  # columns of the grid (classes or prompts)
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, samples: Any) -> Result:
@@ -48,8 +50,10 @@ class Result:
         labels = [int(v) for v in samples.labels.tolist()] if samples.labels is not None else []
         settings = {k: v for k, v in dict(samples.settings or {}).items()
                     if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-        if images.ndim == 5:
-            return cls("image/gif", [_gif(clip_frames(images[i:i + 1], 1, scale=1)) for i in range(len(images))],
-                       _gif(clip_frames(images, ncol, scale=1)), labels, settings, ncol)
+        notes = [str(n) for n in getattr(samples, "notes", None) or []]
+        if images.ndim == 5:  # one GIF per clip at its own size (no border, as the PNGs), and a grid of them
+            clips = [_gif([make_grid(images[i:i + 1, :, f], 1, padding=0) for f in range(images.shape[2])])
+                     for i in range(len(images))]
+            return cls("image/gif", clips, _gif(clip_frames(images, ncol, scale=1)), labels, settings, ncol, notes)
         return cls("image/png", [_png(make_grid(images[i:i + 1], 1, padding=0)) for i in range(len(images))],
-                   _png(make_grid(images, ncol)), labels, settings, ncol)
+                   _png(make_grid(images, ncol)), labels, settings, ncol, notes)

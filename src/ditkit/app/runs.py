@@ -151,6 +151,14 @@ def describe(run: Run) -> dict[str, Any]:
     }
 
 
+def adapter_record(run: Run) -> dict[str, Any] | None:
+    """The adapter record (base identity, LoRA settings, classes) of an adapter run's newest checkpoint; None
+    for a run that is not one."""
+    found = find_checkpoints(run.path)
+    record = read_json(found[-1] / "run.json").get("adapter") if found else None
+    return record if isinstance(record, dict) and isinstance(record.get("base"), dict) else None
+
+
 def _step(path: Path) -> int | None:
     try:
         return int(path.name.removeprefix("step_"))

@@ -21,10 +21,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ditkit.app import params
-from ditkit.app.engine import PipelineCache, facts
+from ditkit.app.engine import PipelineCache, facts, weigh
 from ditkit.app.jobs import QUEUE_SIZE, TERMINAL, JobBoard, QueueFull, one_line
 from ditkit.app.pictures import Result, grid_png
-from ditkit.app.runs import READABLE, RunIndex, describe, read_metrics
+from ditkit.app.runs import READABLE, RunIndex, adapter_record, describe, read_metrics
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -132,35 +132,80 @@ class App:
         # never cached: sample grids and metrics change while a run trains
         return FileResponse(path, media_type=READABLE[path.suffix.lower()], headers={"Cache-Control": "no-store"})
 
-    def _pipe(self, body: dict[str, Any]) -> tuple[Path, Any]:
+    def _pipe(self, body: dict[str, Any], compose: bool = False) -> tuple[Path, Any, dict[str, float]]:
+        """(checkpoint, pipeline, further adapters {run id: weight} in the order composed) for a request;
+        `compose`: with the served adapter runs the request ticks composed on the loaded adapter run."""
         run = self.index.get(str(body.get("run") or ""))
         checkpoint = run.checkpoint(str(body.get("checkpoint") or ""))
         ema = params.flag(body.get("ema", True), "ema")
-        return checkpoint, self.pipes.get(checkpoint, ema)
+        pipe = self.pipes.get(checkpoint, ema)
+        wanted = params.adapter_weights(body.get("adapters"), facts(pipe)) if compose else {}
+        if not wanted:
+            return checkpoint, pipe, {}
+        base = pipe.info["adapter"]["base"]
+        chosen = []
+        for run_id in sorted(wanted):  # sorted: the same set is the same cached pipeline
+            other = self.index.get(run_id)
+            if other.id == run.id:
+                raise ValueError(f"adapter {run_id} is the run loaded: its own adapter's weight is the LoRA scale")
+            record = adapter_record(other)
+            if record is None:
+                raise ValueError(f"adapter {run_id} is not an adapter run (it was not trained with lora_rank)")
+            if record["base"].get("sha256") != base["sha256"]:
+                raise ValueError(f"adapter {run_id} was trained on another base ({record['base'].get('path')}) than "
+                                 f"run {run.id} ({base['path']}): adapters combine only on the same base")
+            chosen.append(other.checkpoint(None))
+        return checkpoint, self.pipes.get(checkpoint, ema, chosen), {k: wanted[k] for k in sorted(wanted)}
+
+    def _adapter_choices(self, run_id: str, pipe: Any) -> list[dict[str, Any]]:
+        """The served adapter runs that share the loaded adapter run's base (the same recorded sha256)."""
+        if "adapter" not in pipe.info:
+            return []
+        sha = pipe.info["adapter"]["base"]["sha256"]
+        choices = []
+        for other in self.index.runs():
+            record = adapter_record(other)
+            if other.id == run_id or record is None or record["base"].get("sha256") != sha:
+                continue
+            adds = (record.get("lora") or {}).get("token_rows")
+            choices.append({"run": other.id, "why": "it adds classes of its own: choose it as the run to sample "
+                                                    "with it" if adds else None})
+        return choices
 
     @api
     async def model(self, request: Request) -> Response:
-        checkpoint, pipe = await run_in_threadpool(self._pipe, dict(request.query_params))
-        return JSONResponse({"checkpoint": checkpoint.name, **facts(pipe)})
+        query = dict(request.query_params)
+        checkpoint, pipe, _ = await run_in_threadpool(self._pipe, query)
+        choices = await run_in_threadpool(self._adapter_choices, str(query.get("run") or ""), pipe)
+        return JSONResponse({"checkpoint": checkpoint.name, **facts(pipe), "adapter_choices": choices})
 
     # -------------------------------------------------------------------------------- sampling
     async def _submit(self, request: Request, edit: bool) -> Response:
         body = await read_json(request)
-        checkpoint, pipe = await run_in_threadpool(self._pipe, body)
+        checkpoint, pipe, adapters = await run_in_threadpool(self._pipe, body, not edit)
         run_facts = facts(pipe)
         args = (params.edit_args if edit else params.generate_args)(body, run_facts)
         # the Pipeline's own checks of the settings, before queueing
         pipe.settings(**{k: args[k] for k in ("sampler", "steps", "cfg", "cfg_interval") if k in args})
 
         ncol = args.get("n", 1) if edit else len(args.get("prompts") or args.get("classes") or [0])
+        composed = ", ".join(f"{name} {weight:g}" for name, weight in adapters.items())
         run = pipe.edit if edit else pipe.generate
 
         def work(job) -> Result:
             def callback(step: int, total: int, preview) -> None:
                 job.progress(step, total, preview, lambda x: grid_png(x, ncol))
 
-            return Result.of(run(**args, progress=False, callback=callback))
+            # jobs on one checkpoint run one at a time: these weights hold until this one ends
+            weigh(pipe, list(adapters.values()))
+            if edit:  # generate() sets the run's own adapter scale; an edit uses it as trained
+                pipe.scale_adapter(None)
+            result = Result.of(run(**args, progress=False, callback=callback))
+            if composed:
+                result.settings["adapters"] = composed
+            return result
 
+        # one worker per checkpoint, whatever adapters are composed on it
         job = self.board.submit(str(checkpoint), work)
         return JSONResponse({"job": job.id, **job.state()}, status_code=202)
 
@@ -186,7 +231,7 @@ class App:
         if job.status == "done":
             base = f"/api/jobs/{job.id}"
             state.update(media=job.result.media, labels=job.result.labels, settings=job.result.settings,
-                         ncol=job.result.ncol,
+                         ncol=job.result.ncol, notes=job.result.notes,
                          images=[f"{base}/image/{i}" for i in range(len(job.result.images))], grid=f"{base}/grid")
         return state
 

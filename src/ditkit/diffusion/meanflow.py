@@ -19,6 +19,19 @@ regressed is v_cfg = w v + (1 - w) u(z_t, t, t | null), the network's own (stop-
 prediction standing in for the unknown unconditional field; samples whose label was dropped to the null label
 keep v. One step then draws guided samples with a single model call.
 
+Two refinements from improved MeanFlow (iMF; Geng, Lu, Wu, Shechtman, Kolter, He, CVPR 2026):
+
+- The v-loss (`loss="v"`). The identity read the other way, v = u + (t - r) du/dt, makes the network a model
+  of the instantaneous velocity, V = u + (t - r) sg(du/dt), regressed on the field v itself (noise - x0, or
+  its guided form). The JVP's tangent is the network's own instantaneous velocity sg(u(z_t, t, t)) instead
+  of the one-sample noise - x0, so the regression target no longer contains the network; the gradient
+  flows through u alone (the JVP term and the tangent are held fixed). With the exact u, V is the marginal
+  velocity, the conditional mean of noise - x0, so the exact u minimises the expected loss.
+- Guidance as an input (`cfg_range=(lo, hi)`). Each training row draws its own scale w uniformly from
+  [lo, hi] and the network is told it (`guidance=w`, a DiT built with `guidance_range`); the field
+  regressed is the one folded above at that row's w. Sampling feeds the asked CFG scale to the network,
+  so one model draws at any scale in the range in one call (`ditkit.sampling.sample`).
+
 `AverageVelocity` is the part every average-velocity objective shares: the two-time model, its samplers and
 the teacher's guided velocity. `ditkit.diffusion.distill.TrajectoryDistillation` trains the same model by
 regressing a teacher's ODE trajectories instead.
@@ -38,6 +51,13 @@ from ditkit.diffusion.gaussian import StepHook, mean_flat
 Model = Callable[..., Tensor]
 
 SAMPLERS = ("meanflow", *FLOW_SAMPLERS)  # the first is the default; the flow samplers use r = t
+LOSSES = ("u", "v")  # MeanFlow's loss on the average velocity u; iMF's on the instantaneous velocity v
+
+
+def check_cfg_range(cfg_range: tuple[float, float] | None, name: str = "cfg_range") -> None:
+    """A range (lo, hi) of guidance scales, 1 <= lo <= hi (None: one fixed scale)."""
+    if cfg_range is not None and not (len(cfg_range) == 2 and 1.0 <= cfg_range[0] <= cfg_range[1]):
+        raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, got {cfg_range}")
 
 
 def check_interval(lo_hi: tuple[float, float] | None, name: str = "cfg_interval") -> None:
@@ -159,12 +179,17 @@ class MeanFlow(AverageVelocity):
     target keeps its mean and loses that estimate's variance (one teacher call on a doubled batch a step).
     time_scale: both times are fed x this (FlowMatching's; the JVP differentiates the model in t, so a small
     one, e.g. 10, keeps du/dt the trajectory's and not the time embedding's wiggles).
+    loss: "u" (the paper's: u regressed on sg(v - (t - r) du/dt), the JVP along (v, 0, 1)) or "v" (iMF's:
+    V = u + (t - r) sg(du/dt) regressed on v, the JVP along the network's own sg(u(z, t, t))).
+    cfg_range: (lo, hi) guidance scales drawn per row (uniform) and fed to the model as `guidance=` (its
+    DiT built with `guidance_range`); replaces the fixed cfg_scale, which must then be 1.
     """
 
     def __init__(self, timestep_sampling: str = "logit_normal", logit_mean: float = -0.4, logit_std: float = 1.0,
                  unequal_fraction: float = 0.25, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
                  cfg_scale: float = 1.0, teacher: Model | None = None, time_scale: float = FLOW_TIME_SCALE,
-                 cfg_interval: tuple[float, float] | None = None):
+                 cfg_interval: tuple[float, float] | None = None, loss: str = "u",
+                 cfg_range: tuple[float, float] | None = None):
         super().__init__(timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std,
                          time_scale=time_scale)
         check_interval(cfg_interval)
@@ -174,33 +199,55 @@ class MeanFlow(AverageVelocity):
             raise ValueError(f"adaptive_p must be >= 0 and adaptive_c > 0, got {adaptive_p}, {adaptive_c}")
         if cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1, got {cfg_scale}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown MeanFlow loss {loss!r}: expected one of {', '.join(LOSSES)}")
+        check_cfg_range(cfg_range)
+        if cfg_range is not None and (cfg_scale != 1.0 or teacher is not None):
+            raise ValueError("cfg_range draws the guidance scale per row: leave cfg_scale at 1 and use no teacher")
         self.unequal_fraction, self.adaptive_p, self.adaptive_c = unequal_fraction, adaptive_p, adaptive_c
         self.cfg_scale, self.teacher, self.cfg_interval = cfg_scale, teacher, cfg_interval
+        self.loss = loss
+        self.cfg_range = None if cfg_range is None else (float(cfg_range[0]), float(cfg_range[1]))
 
     def __repr__(self) -> str:
         return (f"MeanFlow(unequal_fraction={self.unequal_fraction}, adaptive_p={self.adaptive_p}, "
                 f"cfg_scale={self.cfg_scale}, teacher={self.teacher is not None}, "
-                f"time_scale={self.time_scale:g}, cfg_interval={self.cfg_interval})")
+                f"time_scale={self.time_scale:g}, cfg_interval={self.cfg_interval}, loss={self.loss!r}, "
+                f"cfg_range={self.cfg_range})")
 
     def sample_t(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
         """n training pairs (n, 2): column 0 is t, column 1 is r <= t; r = t for a (1 - unequal_fraction)
-        share. All draws come from `generator`, so a seeded trainer replays them on resume."""
+        share; with cfg_range a third column, each row's guidance scale w (uniform on the range). All draws
+        come from `generator`, so a seeded trainer replays them on resume."""
         a = super().sample_t(n, generator, device)
         b = super().sample_t(n, generator, device)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         equal = torch.rand(n, generator=generator, device=device) >= self.unequal_fraction
-        return torch.stack([t, torch.where(equal, t, r)], dim=1)
+        columns = [t, torch.where(equal, t, r)]
+        if self.cfg_range is not None:
+            lo, hi = self.cfg_range
+            columns.append(lo + (hi - lo) * torch.rand(n, generator=generator, device=device))
+        return torch.stack(columns, dim=1)
 
     @staticmethod
     def split_times(times: Tensor) -> tuple[Tensor, Tensor]:
-        """(n, 2) [t, r] pairs -> t (n,), r (n,); (n,) times are r = t pairs."""
+        """(n, 2) [t, r] pairs (or (n, 3) [t, r, w]) -> t (n,), r (n,); (n,) times are r = t pairs."""
         if times.ndim == 1:
             return times, times
-        if times.ndim != 2 or times.shape[1] != 2:
-            raise ValueError(f"MeanFlow times must be (N,) or (N, 2) [t, r] pairs, got shape "
-                             f"{tuple(times.shape)}")
+        if times.ndim != 2 or times.shape[1] not in (2, 3):
+            raise ValueError(f"MeanFlow times must be (N,) or (N, 2) [t, r] pairs (or (N, 3) [t, r, w] with a "
+                             f"guidance scale), got shape {tuple(times.shape)}")
         return times[:, 0], times[:, 1]
+
+    def guidance_scales(self, times: Tensor) -> Tensor | None:
+        """Each row's guidance scale w: the third column of `sample_t`'s rows (cfg_range), else None."""
+        if self.cfg_range is None:
+            return None
+        if times.ndim != 2 or times.shape[1] != 3:
+            raise ValueError(f"a MeanFlow with cfg_range trains on (N, 3) [t, r, w] rows from sample_t, got shape "
+                             f"{tuple(times.shape)}")
+        return times[:, 2]
 
     def jvp_target(self, model: Model, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
                    model_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
@@ -217,46 +264,84 @@ class MeanFlow(AverageVelocity):
         u_tgt = v.clone()
         pick = (h > 0).nonzero().flatten()
         if len(pick):
-            sub = _rows(kwargs, pick, z.shape[0])
-
-            def u_of(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
-                return self._u_of_interval(model, z_, t_, h_, sub)
-
-            ones = torch.ones_like(t[pick])
-            # PyTorch's fused attention kernels (CPU flash, CUDA flash / memory-efficient) have no forward-mode
-            # derivative; the math backend is made of ops that do
-            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-                _, dudt = torch.func.jvp(u_of, (z[pick], t[pick], h[pick]), (v[pick], ones, ones))
+            dudt = self._total_derivative(model, z, t, h, v, kwargs, pick)
             u_tgt[pick] = v[pick] - self._bcast(h[pick], v) * dudt.to(v.dtype)
         return u, u_tgt.detach()
+
+    def _total_derivative(self, model: Model, z: Tensor, t: Tensor, h: Tensor, tangent: Tensor,
+                          kwargs: dict[str, Any], pick: Tensor) -> Tensor:
+        """du/dt on rows `pick`, without gradients: the JVP of u in (z, t, h) along (tangent, 1, 1)."""
+        sub = _rows(kwargs, pick, z.shape[0])
+
+        def u_of(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
+            return self._u_of_interval(model, z_, t_, h_, sub)
+
+        ones = torch.ones_like(t[pick])
+        # PyTorch's fused attention kernels (CPU flash, CUDA flash / memory-efficient) have no forward-mode
+        # derivative; the math backend is made of ops that do
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, dudt = torch.func.jvp(u_of, (z[pick], t[pick], h[pick]), (tangent[pick], ones, ones))
+        return dudt
+
+    def v_prediction(self, model: Model, z: Tensor, t: Tensor, r: Tensor,
+                     model_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        """(u, V): the prediction u(z, r, t) (differentiable) and iMF's instantaneous velocity
+        V = u + (t - r) sg(du/dt), du/dt the JVP along the network's own velocity sg(u(z, t, t)) (one extra
+        forward without gradients on the rows with r < t; V = u where r = t)."""
+        kwargs = model_kwargs or {}
+        h = t - r
+        u = self.average_velocity(model, z, t, r, kwargs)
+        pick = (h > 0).nonzero().flatten()
+        if not len(pick):
+            return u, u
+        sub = _rows(kwargs, pick, z.shape[0])
+        with torch.no_grad():
+            v_own = torch.zeros_like(z)
+            v_own[pick] = self.velocity(model, z[pick], t[pick], sub).to(z.dtype)
+        dudt = self._total_derivative(model, z, t, h, v_own, kwargs, pick)
+        correction = torch.zeros_like(u)
+        correction[pick] = self._bcast(h[pick], u) * dudt.to(u.dtype)
+        return u, u + correction
 
     def guided_field(self, model: Model, z: Tensor, t: Tensor, v: Tensor,
                      model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """The field regressed with guidance folded in: w v + (1 - w) u(z, t, t | null) for labelled samples
         at times in cfg_interval, v where the label was dropped (`force_drop_ids` == 1), outside the interval
-        or with no labels; with a teacher, its guided velocity (`guided_velocity`) instead."""
+        or with no labels; with a teacher, its guided velocity (`guided_velocity`) instead. w is cfg_scale,
+        or each row's own scale, the `guidance` tensor in model_kwargs (cfg_range; the null call is told it
+        too)."""
         if self.teacher is not None:
             return self.guided_velocity(self.teacher, z, t, model_kwargs, self.cfg_scale, self.cfg_interval)
         kwargs = dict(model_kwargs or {})
         y = kwargs.get("y")
-        if self.cfg_scale == 1.0 or y is None:
+        w = kwargs.get("guidance") if self.cfg_range is not None else None
+        if (self.cfg_scale == 1.0 and w is None) or y is None:
             return v
         kept = self._pop_kept(t, kwargs)
         with torch.no_grad():
             u_null = self.velocity(model, z, t, {**kwargs, "force_drop_ids": torch.ones_like(y)}).to(z.dtype)
-        guided = self.cfg_scale * v + (1 - self.cfg_scale) * u_null
+        w = self.cfg_scale if w is None else self._bcast(w.to(z.dtype), z)
+        guided = w * v + (1 - w) * u_null
         return torch.where(self._bcast(kept & self._guided_at(t, self.cfg_interval), z).bool(), guided, v)
 
     def training_losses(self, model: Model, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
                         noise: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-sample losses for times `t`, (N, 2) [t, r] pairs from `sample_t` ((N,) means r = t):
-        {"loss": sg(w) * mse, "mse": |u - sg(u_tgt)|^2 averaged per sample}, w the adaptive weight."""
+        """Per-sample losses for times `t`, (N, 2) [t, r] pairs from `sample_t` ((N,) means r = t; (N, 3)
+        [t, r, w] with cfg_range): {"loss": sg(w) * mse, "mse": per-sample mean squared error}, w the adaptive
+        weight; the error is |u - sg(u_tgt)|^2 (loss "u") or |V - v|^2 (loss "v")."""
+        w = self.guidance_scales(t)
         t, r = self.split_times(t)
+        kwargs = dict(model_kwargs or {})
+        if w is not None:
+            kwargs["guidance"] = w
         if noise is None:
             noise = torch.randn_like(x_start)
         z = self.q_sample(x_start, t, noise)
-        v = self.guided_field(model, z, t, noise - x_start, model_kwargs)
-        u, u_tgt = self.jvp_target(model, z, t, r, v, model_kwargs)
+        v = self.guided_field(model, z, t, noise - x_start, kwargs)
+        if self.loss == "v":
+            _, v_pred = self.v_prediction(model, z, t, r, kwargs)
+            return adaptive_loss(v_pred, v, self.adaptive_p, self.adaptive_c)
+        u, u_tgt = self.jvp_target(model, z, t, r, v, kwargs)
         return adaptive_loss(u, u_tgt, self.adaptive_p, self.adaptive_c)
 
 

@@ -31,12 +31,28 @@ MLPS = ("gelu", "gelu_erf", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POS_EMBEDS = ("sincos", "rope", "sincos+rope")
 RECIPE_DEFAULTS = dict(mlp="gelu", norm="layernorm", qk_norm=False, pos_embed="sincos")
+GUIDANCE_EMBED_SCALE = 10.0  # the guidance embedder reads (w - 1) x this: w in [1, 4] spans 0..30
 
 
 def _norm(hidden_size: int, affine: bool, kind: str = "layernorm") -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(hidden_size, eps=1e-6, affine=affine)
     return nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+
+
+def _zero_output_embedder(hidden_size: int) -> TimestepEmbedder:
+    """A timestep embedder whose output layer starts at zero: an added input that changes nothing until trained."""
+    embedder = TimestepEmbedder(hidden_size)
+    nn.init.zeros_(embedder.mlp[2].weight)
+    return embedder
+
+
+def _check_guidance_range(guidance_range: tuple[float, float] | None) -> tuple[float, float] | None:
+    if guidance_range is None:
+        return None
+    if len(guidance_range) != 2 or not 1.0 <= guidance_range[0] <= guidance_range[1]:
+        raise ValueError(f"guidance_range must be (lo, hi) with 1 <= lo <= hi, got {guidance_range}")
+    return float(guidance_range[0]), float(guidance_range[1])
 
 
 def check_recipe(mlp: str, norm: str, pos_embed: str) -> None:
@@ -188,6 +204,11 @@ class DiT(PretrainedMixin, nn.Module):
     CPU in bf16), norm "rmsnorm" (RMSNorm in blocks and final layer), qk_norm (RMSNorm
     on queries and keys), pos_embed "rope" (2D rotary positions instead of the sin-cos table) or
     "sincos+rope" (both). Non-default options are recorded in `config`, so `from_pretrained` rebuilds them.
+
+    guidance_range (lo, hi): a guidance-scale embedder (a timestep embedder reading (w - 1) x
+    GUIDANCE_EMBED_SCALE, zero-initialised output, added to the time embedding), so one model is told the
+    CFG scale w it should produce (`forward(..., guidance=w)`; iMF's guidance conditioning), trained on
+    scales in [lo, hi]. Absent by default: the paper's keys unchanged.
     """
 
     def __init__(
@@ -209,6 +230,7 @@ class DiT(PretrainedMixin, nn.Module):
         norm: str = "layernorm",
         qk_norm: bool = False,
         pos_embed: str = "sincos",
+        guidance_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         H, W = _check_dit_args(input_size, patch_size, num_classes, block, mlp, norm, pos_embed)
@@ -225,9 +247,10 @@ class DiT(PretrainedMixin, nn.Module):
             self.config["interval_embed"] = True
             if interval_scale != 1.0:
                 self.config["interval_scale"] = interval_scale
+        self.guidance_range = _check_guidance_range(guidance_range)
+        self.config.update({"guidance_range": list(self.guidance_range)} if self.guidance_range else {})
         self.interval_scale, self.input_size, self.patch_size = interval_scale, (H, W), patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.in_channels, self.out_channels = in_channels, in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes, self.block = learn_sigma, num_classes, block
         self.grid_size = (H // patch_size, W // patch_size)
         self.grad_checkpointing = False
@@ -237,10 +260,7 @@ class DiT(PretrainedMixin, nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # a second timestep embedder for the interval t - r of two-time (MeanFlow) models; its output layer
         # starts at zero so that a flow-matching checkpoint (the r = t case) loads unchanged
-        self.interval_embedder = None
-        if interval_embed:
-            self.interval_embedder = TimestepEmbedder(hidden_size)
-            nn.init.zeros_(self.interval_embedder.mlp[2].weight)
+        self.interval_embedder = _zero_output_embedder(hidden_size) if interval_embed else None
         self._init_pos_embed(hidden_size, pos_embed)
         self.block_options = dict(mlp=mlp, norm=norm, qk_norm=qk_norm,
                                   rope_grid=self.grid_size if "rope" in pos_embed else None)
@@ -248,6 +268,9 @@ class DiT(PretrainedMixin, nn.Module):
             [_BLOCK_CLASSES[block](hidden_size, num_heads, mlp_ratio, **self.block_options) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+        # built last, so the other weights draw the same initial values with or without it; its output layer
+        # starts at zero, so a fresh model is the unguided one at every scale
+        self.guidance_embedder = _zero_output_embedder(hidden_size) if guidance_range is not None else None
 
     def _init_pos_embed(self, hidden_size: int, pos_embed: str) -> None:
         """The fixed 2D sin-cos table: a Parameter (not a buffer) because the original checkpoints store it.
@@ -292,13 +315,14 @@ class DiT(PretrainedMixin, nn.Module):
                 raise ValueError(f"labels must be in 0..{top}{null}; got values in {lo}..{hi}")
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None,
-                interval: Tensor | None = None) -> Tensor:
+                interval: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """`force_drop_ids` (N,), 1 where the label is replaced by the null label: lets a trainer draw label
         dropout from its own seeded generator instead of the global RNG. `interval` (N,): t - r of a
-        two-time model (built with interval_embed=True), in t's units."""
+        two-time model (built with interval_embed=True), in t's units. `guidance` (N,): the CFG scale w of a
+        model built with guidance_range (None: w = 1)."""
         self.check_inputs(x, t, y)
         x = self.embed_tokens(x)  # (N, T, D)
-        t_emb = self.embed_time(t, interval)  # (N, D)
+        t_emb = self.embed_time(t, interval, guidance)  # (N, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t_emb + y_emb
         if self.block == "in_context":
@@ -323,9 +347,16 @@ class DiT(PretrainedMixin, nn.Module):
         x = self.x_embedder(x)
         return x + self.pos_embed if self.add_pos_embed else x
 
-    def embed_time(self, t: Tensor, interval: Tensor | None = None) -> Tensor:
-        """(N, D) embedding of t, plus that of the interval t - r for a two-time model."""
+    def embed_time(self, t: Tensor, interval: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        """(N, D) embedding of t, plus that of the interval t - r for a two-time model and that of the guidance
+        scale for a model built with guidance_range."""
         t_emb = self.t_embedder(t)
+        if self.guidance_embedder is not None:
+            w = torch.ones_like(t) if guidance is None else guidance.to(t.device)
+            t_emb = t_emb + self.guidance_embedder((w - 1.0) * GUIDANCE_EMBED_SCALE)
+        elif guidance is not None:
+            raise ValueError("this DiT has no guidance-scale input: build it with guidance_range=(lo, hi) to pass "
+                             "guidance=")
         if interval is None:
             return t_emb
         if self.interval_embedder is None:

@@ -149,7 +149,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        weight = self.mlp[0].weight  # a method on a quantized Linear, which takes float32 input
+        return self.mlp(t_freq.to(weight.dtype) if isinstance(weight, Tensor) else t_freq)
 
 
 class LabelEmbedder(nn.Module):
@@ -184,13 +185,16 @@ class LabelEmbedder(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) tensors; `mask` True where attention is allowed.
 
-    PyTorch's SDPA everywhere except bf16/fp16 on the CPU, where its flash kernel's backward is 2-5x
-    slower than two matmuls and a float32 softmax (measured for DiT-sized heads: see the README)."""
+    PyTorch's SDPA everywhere except bf16/fp16 on the CPU, where its kernels' forward and backward are several
+    times slower than two matmuls and a softmax for DiT-sized heads (benchmarks/train_throughput.py, the attention
+    table). The softmax runs in the scores' dtype: the CPU kernel computes in float32 and rounds its output once
+    (the forward values of a float32 softmax rounded to bf16; the backward within bf16 rounding of it), without
+    casting the (N, heads, T, T) scores to float32 and back in each direction."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.float().softmax(dim=-1).to(v.dtype) @ v
+        return scores.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -24,8 +24,8 @@ from ditkit.sampling.guidance import (APG, CFG, GUIDANCE_SETTINGS, Autoguidance,
                                       guidance_from_settings)
 
 __all__ = ["APG", "CFG", "GUIDANCE_SETTINGS", "Autoguidance", "Callback", "Editing", "Guidance", "ddim_respacing",
-           "guidance_from_settings", "sample", "samplers_for", "sampling_schedule", "shifted_gaussian_steps",
-           "x0_prediction"]
+           "guidance_from_settings", "sample", "samplers_for", "sampling_schedule", "scale_as_input",
+           "shifted_gaussian_steps", "x0_prediction"]
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim")  # the first of each objective's samplers is its default
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 50, "sde": 100, "meanflow": 1}
@@ -81,6 +81,30 @@ def _labels(model: Callable[..., Tensor], y: Tensor | None, null_label: int | No
         raise ValueError("classifier-free guidance needs a null label: the model has no num_classes, "
                          "so pass null_label=")
     return y, null
+
+
+def scale_as_input(model: Callable[..., Tensor], guidance: Guidance,
+                   cache: float | None = None) -> tuple[Callable[..., Tensor], Guidance]:
+    """For a model told its guidance scale (a DiT built with `guidance_range`, iMF): the model fed CFG's
+    scale w as `guidance=w` in one conditional call per step, and no guidance on top; other models as given.
+    Only plain CFG at every time can be an input, with w inside the trained range (one clear error else)."""
+    lo_hi = getattr(model, "guidance_range", None)
+    if lo_hi is None:
+        return model, guidance
+    if not isinstance(guidance, CFG) or guidance.interval is not None:
+        raise ValueError(f"this model takes the CFG scale as an input (trained on [{lo_hi[0]:g}, {lo_hi[1]:g}]): "
+                         f"use a plain CFG scale with no interval, got {guidance!r}")
+    if not lo_hi[0] - 1e-6 <= guidance.scale <= lo_hi[1] + 1e-6:
+        raise ValueError(f"cfg {guidance.scale:g} is outside the guidance scales this model was trained on "
+                         f"[{lo_hi[0]:g}, {lo_hi[1]:g}]: choose a scale in that range")
+    if cache is not None:
+        raise ValueError("block caching does not pass a guidance-scale input to the model: sample without cache")
+    scale = guidance.scale
+
+    def told(x: Tensor, t: Tensor, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        return model(x, t, *args, guidance=torch.full((x.shape[0],), scale, device=x.device), **kwargs)
+
+    return told, CFG(1.0)
 
 
 def x0_prediction(objective: GaussianDiffusion | FlowMatching, x: Tensor, model_t: Tensor, out: Tensor) -> Tensor:
@@ -176,8 +200,10 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
 
     y: (N,) labels; None samples unconditionally (the null label if there is one, else model(x, t)).
     guidance: CFG(scale, interval), APG(...) or Autoguidance(...) (`ditkit.sampling.guidance`); a number s
-    is CFG(s); None: no guidance, one conditional call per step. guided_channels: how many prediction
-    channels to guide (default all C; learned-variance channels never are). null_label: the unconditional
+    is CFG(s); None: no guidance, one conditional call per step. A model with a `guidance_range` (told its
+    CFG scale, iMF) is instead fed the CFG scale as `guidance=` in one call a step (`scale_as_input`).
+    guided_channels: how many prediction channels to guide (default all C; learned-variance channels never
+    are). null_label: the unconditional
     label when the model has no `num_classes` attribute.
     sampler: Gaussian "ddpm" (default, 250 steps) or "ddim" (50, eta 0); flow "heun" (default, 50), "euler"
     (50) or "sde" (100); MeanFlow "meanflow" (default, 1 step) or euler/heun at r = t. steps: a Gaussian
@@ -203,6 +229,7 @@ def sample(model: Callable[..., Tensor], objective: GaussianDiffusion | FlowMatc
     device = y.device if y is not None else noise.device if noise is not None else _model_device(model)
     y, null = _labels(model, y, null_label, shape[0], torch.device(device), guidance)
     warn_few_steps(objective, sampler, n)
+    model, guidance = scale_as_input(model, guidance, cache)
     model = prepare_model(model, torch.device(device), precision=precision, compile=compile, cache=cache)
     guidance = guidance.prepared(lambda m: prepare_model(m, torch.device(device), precision=precision))
     model_fn, step_hook = guidance.model_fn(model, objective, y, null, g), editing.step_hook

@@ -44,9 +44,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """ema <- ema + (1 - decay) * (weights - ema) for every trained parameter, as one `torch._foreach_lerp_`
+        (the same per-element arithmetic as a lerp_ per tensor, one call)."""
         decay = self.decay_at(step)
         ema_params = dict(self.model.named_parameters())
+        targets, values = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
                 value = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2 shards
-                ema_params[name].lerp_(value.detach().to(ema_params[name].dtype), 1 - decay)
+                targets.append(ema_params[name])
+                values.append(value.detach().to(ema_params[name].dtype))
+        if targets:
+            torch._foreach_lerp_(targets, values, 1 - decay)

@@ -13,6 +13,7 @@ classes the data lacks (prior preservation), drawn once from the run's seed and 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -113,7 +114,10 @@ class FinetuneKind:
 
     def sample_grid(self, path: Path, ema_model: nn.Module, objective: Any, device: torch.device,
                     seed: int) -> None:
-        """The inner kind's grid; a base class the data lacks shows a blank image in the row of real ones."""
+        """The inner kind's grid; a base class the data lacks shows a blank image in the row of real ones. An
+        adapter is sampled fused into a copy of the model: the same outputs, without peft's extra matmuls."""
+        if self.lora:
+            ema_model = lora.merge(copy.deepcopy(ema_model))
         data = self.inner.data
         absent = [k for k in range(data.num_classes) if not bool((data.labels == k).any())]
         if absent:

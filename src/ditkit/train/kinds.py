@@ -50,6 +50,8 @@ class ImageKind:
         c, kwargs = self.c, self.model_kwargs()
         if c.objective in ONE_STEP:
             kwargs = {"interval_embed": True, "interval_scale": c.meanflow_interval_scale, **kwargs}
+            if c.meanflow_cfg_range is not None:  # the guidance scale as an input (iMF)
+                kwargs["guidance_range"] = tuple(c.meanflow_cfg_range)
         if c.model == "custom":
             arch = dict(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
                         mlp_ratio=c.mlp_ratio, block=c.block, mlp=c.mlp)
@@ -136,15 +138,19 @@ class VideoKind(ImageKind):
             self.image_record = image_model_record(c.image_model, data)
 
     def given_frames(self, n: int, generator: torch.Generator) -> Tensor | None:
-        """For a context_share of the clips (drawn from the trainer's generator), the first context_frames
-        frames are given (image-to-video, extension); the objective feeds them clean at t = 0, outside the loss."""
+        """For a context_share of the clips (drawn from the trainer's generator), their first k frames are given,
+        k drawn per clip from the whole tubelets up to context_frames: one frame starts a clip (image-to-video),
+        several carry a velocity into the next window of a longer clip (extension: a single frame cannot tell
+        a digit that bounced from one about to). The objective feeds them clean at t = 0, outside the loss."""
         c = self.c
         if not c.context_share:
             return None
         chosen = torch.rand(n, generator=generator) < c.context_share
-        given = torch.zeros(n, self.data.frames, dtype=torch.bool)
-        given[:, : c.context_frames] = chosen[:, None]
-        return given
+        most = c.context_frames // c.patch_t
+        tubelets = (torch.randint(1, most + 1, (n,), generator=generator) if most > 1
+                    else torch.ones(n, dtype=torch.long))
+        frame = torch.arange(self.data.frames)
+        return chosen[:, None] & (frame[None] < (tubelets * c.patch_t)[:, None])
 
     def build(self) -> nn.Module:
         """The VideoDiT; init_image copies an image run's weights into it (a resumed run then loads its own

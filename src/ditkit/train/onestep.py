@@ -34,7 +34,8 @@ def one_step_objective(c: Any, model: nn.Module) -> MeanFlow | TrajectoryDistill
                                       time_scale=c.flow_time_scale)
     return MeanFlow(timestep_sampling=c.timestep_sampling, unequal_fraction=c.meanflow_unequal,
                     adaptive_p=c.meanflow_adaptive_p, cfg_scale=c.meanflow_cfg, teacher=teacher,
-                    time_scale=c.flow_time_scale, cfg_interval=c.meanflow_cfg_interval)
+                    time_scale=c.flow_time_scale, cfg_interval=c.meanflow_cfg_interval, loss=c.meanflow_loss,
+                    cfg_range=c.meanflow_cfg_range)
 
 
 def make_trajectories(run: Any, progress: bool) -> None:
@@ -54,8 +55,8 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     """Start `model` (a DiT with an interval embedder, fed times x `time_scale`) from a flow-matching
     checkpoint's EMA weights.
 
-    Every key but the interval embedder's must be there with the same shape; the interval embedder keeps
-    its zero-initialised output, so the start is exactly the base velocity model at r = t."""
+    Every key but the interval (and guidance) embedder's must be there with the same shape; those keep their
+    zero-initialised output, so the start is exactly the base velocity model at r = t."""
     info_file = base / "run.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if info.get("objective") != "flow":
@@ -77,7 +78,8 @@ def load_base_weights(model: nn.Module, base: Path, time_scale: float = FLOW_TIM
     state = ckpt.load_weights(base, weights)
     own = model.state_dict()
     wrong = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
-    missing = sorted(k for k in own if k not in state and not k.startswith("interval_embedder."))
+    fresh = ("interval_embedder.", "guidance_embedder.")  # the two-time model's own, zero-initialised inputs
+    missing = sorted(k for k in own if k not in state and not k.startswith(fresh))
     if wrong or missing:
         raise ValueError(f"base={base} does not fit this model (set the same model fields as the base run): "
                          f"unexpected or differently shaped {wrong[:4]}, missing {missing[:4]}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ditkit.data import random_hflip
@@ -90,14 +91,15 @@ class EpochSampler:
 
     def next(self) -> Tensor:
         """Indices of the next global batch; an epoch's tail is completed from the next epoch."""
-        idx = []
-        while len(idx) < self.batch_size:
+        idx, count = [], 0
+        while count < self.batch_size:
             if self.position >= self.n:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
-            take = min(self.batch_size - len(idx), self.n - self.position)
+            take = min(self.batch_size - count, self.n - self.position)
             idx.append(self._perm[self.position:self.position + take])
             self.position += take
+            count += take
         return torch.cat(idx)
 
     def state(self) -> dict[str, int]:
@@ -307,9 +309,9 @@ def save(run: Run, info: dict[str, Any]) -> Path:
 # One step
 # ------------------------------------------------------------------------------------------------
 
-def train_step(run: Run) -> tuple[Tensor, Tensor]:
-    """Draw the global batch and all its randomness, take this process's slice, and update; returns the
-    (local) loss and the gradient norm."""
+def draw_batch(run: Run) -> tuple[Tensor, Tensor, Tensor, dict[str, Any], dict[str, Tensor]]:
+    """Draw the global batch and all its randomness and take this process's slice: (x0, t, noise, the model's
+    keyword inputs, the objective's extra inputs)."""
     c, data, device = run.c, run.kind.data, run.dist.device
     B_local = c.batch_size // run.dist.world_size
     lo, hi = run.dist.rank * B_local, (run.dist.rank + 1) * B_local
@@ -322,28 +324,39 @@ def train_step(run: Run) -> tuple[Tensor, Tensor]:
     noise = torch.randn(x0.shape, generator=run.gen)
     given = run.kind.given_frames(c.batch_size, run.gen)  # clip frames given clean; None: no draw
     x0, y, t, noise, drop = (v[lo:hi].to(device, non_blocking=True) for v in (x0, y, t, noise, drop))
-    kwargs = run.kind.step_inputs(x0, y, drop)
     extra = {} if given is None else {"given": given[lo:hi].to(device)}
+    return x0, t, noise, run.kind.step_inputs(x0, y, drop), extra
 
+
+def train_step(run: Run) -> tuple[Tensor, Tensor]:
+    """One update on the next batch (`draw_batch`); returns the (local) loss and the gradient norm. Its phases
+    are named for the profiler (train.draw, train.model, train.update, train.ema), which
+    benchmarks/train_throughput.py reads to show the trainer's own share of a step."""
+    c = run.c
+    with record_function("train.draw"):
+        x0, t, noise, kwargs, extra = draw_batch(run)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(c, run.step, run.schedule_steps)
-    with autocast(device, c.precision):
-        loss = run.objective.training_losses(run.forward, x0, t, model_kwargs=kwargs, noise=noise, **extra)["loss"]
-        loss = loss.mean()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.grad_clip)
-    if run.scaler.is_enabled():
-        scale_before = run.scaler.get_scale()
-        run.scaler.step(run.optimizer)  # skips the update itself when gradients are not finite
-        run.scaler.update()
-        run.skipped += int(run.scaler.get_scale() < scale_before)
-    elif torch.isfinite(grad_norm):
-        run.optimizer.step()
-    else:
-        run.skipped += 1
-    run.ema.update(run.model, run.step)
+    with record_function("train.model"):
+        with autocast(run.dist.device, c.precision):
+            loss = run.objective.training_losses(run.forward, x0, t, model_kwargs=kwargs, noise=noise,
+                                                 **extra)["loss"].mean()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+    with record_function("train.update"):
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.grad_clip)
+        if run.scaler.is_enabled():
+            scale_before = run.scaler.get_scale()
+            run.scaler.step(run.optimizer)  # skips the update itself when gradients are not finite
+            run.scaler.update()
+            run.skipped += int(run.scaler.get_scale() < scale_before)
+        elif torch.isfinite(grad_norm):
+            run.optimizer.step()
+        else:
+            run.skipped += 1
+    with record_function("train.ema"):
+        run.ema.update(run.model, run.step)
     run.step += 1
     return loss.detach(), grad_norm
 

@@ -3,7 +3,11 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { runs: [], runsKey: "", model: null, job: null, source: null, tab: "play", maskDirty: false, image: null };
+const state = {
+  runs: [], runsKey: "", model: null, job: null, source: null, tab: "play", maskDirty: false, image: null,
+  firstFrame: null,  // the uploaded first frame of a video run, as a data URL
+  modelTicket: 0,  // the latest model asked for: an answer for an earlier choice is dropped
+};
 
 // ------------------------------------------------------------------------------------------ helpers
 function showError(message) {
@@ -84,15 +88,20 @@ async function loadModel() {
     return;
   }
   $("model-info").textContent = "loading the model…";
+  showError("");  // a message about the run before is no longer about this one
+  const ticket = ++state.modelTicket;
+  state.model = null;  // nothing is sent for a model still loading
   const q = new URLSearchParams({ run: run.id, checkpoint: $("checkpoint").value, ema: $("ema").checked });
   try {
     const m = await api("/api/model?" + q);
+    if (ticket !== state.modelTicket) return;
     state.model = m;
     const [h, w] = m.image_size;
     $("model-info").textContent = `${m.kind} run, ${h}×${w}×${m.channels}` +
       (m.conditional ? `, ${m.num_classes} ${m.kind === "text" ? "captions" : "classes"}` : ", unconditional");
     applyModel(m);
   } catch (err) {
+    if (ticket !== state.modelTicket) return;
     $("model-info").textContent = "";
     showError(err.message);
   }
@@ -104,6 +113,12 @@ function applyModel(m) {
   $("class-row").hidden = text || !m.conditional;
   $("frames-row").hidden = m.kind !== "video";
   $("lora-row").hidden = !m.adapter;
+  $("first-frame-row").hidden = !m.first_frame;
+  $("first-frame-form").textContent = m.first_frame === "trained"
+    ? "kept exactly: this run was trained with frame conditioning (context_share)"
+    : m.first_frame ? "kept exactly, the other frames inpainted (training-free: this run was not trained with " +
+      "frame conditioning, context_share, on one-frame tubelets)" : "";
+  fillAdapters(m.adapter_choices || [], $("run").value);
   const classes = $("classes");
   const before = classes.value;
   classes.replaceChildren();
@@ -127,6 +142,35 @@ function applyModel(m) {
   if (state.image) drawImage(state.image);
 }
 
+function fillAdapters(choices, run) {
+  // the served adapter runs on the loaded adapter run's base: a tick and a weight each (kept while the
+  // same run is reloaded, e.g. another checkpoint; another run starts with none ticked)
+  const list = $("adapter-list");
+  const before = list.dataset.run === run ? chosenAdapters() : {};
+  list.dataset.run = run;
+  list.replaceChildren();
+  $("adapters-row").hidden = !choices.length;
+  for (const c of choices) {
+    const tick = el("input", { type: "checkbox", "data-run": c.run, "aria-label": `use adapter ${c.run}` });
+    const weight = el("input", { type: "text", inputmode: "decimal", class: "weight", value: "1",
+      "aria-label": `weight of adapter ${c.run}` });
+    if (c.run in before) { tick.checked = true; weight.value = before[c.run]; }
+    if (c.why) { tick.disabled = weight.disabled = true; }
+    const row = el("label", { class: "adapter", title: c.why || `compose ${c.run} at this weight` },
+      tick, el("span", { class: "name", text: c.run }), weight);
+    list.append(row);
+    if (c.why) list.append(el("p", { class: "muted", text: c.why }));
+  }
+}
+
+function chosenAdapters() {
+  const out = {};
+  for (const tick of document.querySelectorAll("#adapter-list input[type=checkbox]")) {
+    if (tick.checked && !tick.disabled) out[tick.dataset.run] = tick.closest("label").querySelector(".weight").value;
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------ sampling
 function settings() {
   const m = state.model || {};
@@ -143,7 +187,11 @@ function settings() {
   }
   else if (m.conditional) body.classes = $("classes").value;
   if (m.kind === "video") body.frames = $("frames").value;
-  if (m.adapter) body.lora_scale = $("lora-scale").value;
+  if (m.first_frame && state.firstFrame) body.first_frame = state.firstFrame;
+  if (m.adapter) {
+    body.lora_scale = $("lora-scale").value;
+    body.adapters = chosenAdapters();
+  }
   return body;
 }
 
@@ -180,6 +228,7 @@ function busy(on) {
 function follow(id) {
   state.job = id;
   $("results").replaceChildren();
+  showNotes([]);
   $("preview-box").hidden = true;
   const source = new EventSource(`/api/jobs/${id}/events`);
   state.source = source;
@@ -216,11 +265,17 @@ function update(s) {
   }
 }
 
+function showNotes(notes) {
+  $("notes").replaceChildren(...notes.map((n) => el("li", { text: `note: ${n}` })));
+  $("notes").hidden = !notes.length;
+}
+
 function showResult(s) {
   $("preview-box").hidden = true;
+  showNotes(s.notes || []);
   const st = s.settings || {};
-  const facts = ["sampler", "steps", "cfg", "strength"].filter((k) => st[k] !== undefined && st[k] !== null)
-    .map((k) => `${k} ${st[k]}`).join(", ");
+  const facts = ["sampler", "steps", "cfg", "strength", "frame_conditioning", "adapters"].filter((k) => st[k] !== undefined && st[k] !== null)
+    .map((k) => `${k.replace("_", " ")} ${st[k]}`).join(", ");
   const what = typeof st.what === "string" ? `${st.what} ` : "";  // edits: inpainted, edited, ...-controlled
   $("status").textContent = `${s.images.length} ${what}sample(s)` + (facts ? ` — ${facts}` : "");
   const ext = s.media === "image/gif" ? "gif" : "png";
@@ -428,6 +483,16 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("edit-btn").addEventListener("click", () => submit("edit"));
   $("cancel").addEventListener("click", cancel);
   $("clear-mask").addEventListener("click", clearMask);
+  $("first-frame-file").addEventListener("change", () => readFile($("first-frame-file"), (img) => {
+    state.firstFrame = img.src;
+    $("first-frame-preview").src = img.src;
+    $("first-frame-box").hidden = false;
+  }));
+  $("clear-first-frame").addEventListener("click", () => {
+    state.firstFrame = null;
+    $("first-frame-file").value = "";
+    $("first-frame-box").hidden = true;
+  });
   $("image-file").addEventListener("change", () => readFile($("image-file"), (img) => { state.image = img; drawImage(img); }));
   $("mask-file").addEventListener("change", () => readFile($("mask-file"), (img) => {
     clearMask();

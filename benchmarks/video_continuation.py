@@ -17,6 +17,7 @@ import argparse
 import torch
 from common import Table, add_markdown_flag
 
+from ditkit.data.moving_mnist import CLIP_RULE
 from ditkit.evaluate.classifier import load_classifier
 from ditkit.evaluate.video import evaluate_clips, frame_classes, real_clips
 from ditkit.pipeline import Pipeline
@@ -30,7 +31,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def judge(clips: torch.Tensor, labels: torch.Tensor, given: torch.Tensor | None, data: dict) -> dict[str, float]:
     digit_size = data.get("digit_size") or max(1, clips.shape[-1] * 7 // 16)  # moving MNIST's default
-    m = evaluate_clips(clips, labels, speed=data.get("speed"), digit_size=digit_size)
+    m = evaluate_clips(clips, labels, **{k: data[k] for k in CLIP_RULE if k in data})
     k = 0 if given is None else given.shape[2]
     classes, _ = frame_classes(load_classifier(), clips[:, :, k:], digit_size)
     m["identity"] = float((classes == labels[:, None]).float().mean())
@@ -50,8 +51,8 @@ def main() -> None:
     data = config.get("data_args", {})
     frames, size = int(pipe.info.get("frames") or pipe.model.num_frames), pipe.image_size[0]
     labels = torch.arange(10).repeat(args.n_per_class)  # the samples' order: every class, n_per_class times
-    real = real_clips(labels, frames, size, speed=data.get("speed"), digit_size=data.get("digit_size"),
-                      split="heldout", seed=1)
+    rule = {k: data[k] for k in CLIP_RULE if k in data and k != "motion"}
+    real = real_clips(labels, frames, size, split="heldout", seed=1, **rule)
     given = real[:, :, :1]
     rows = []
     forms = ["trained", "inpaint"] if config.get("context_share") else ["inpaint"]

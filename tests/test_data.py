@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -172,6 +173,29 @@ def test_moving_mnist_start_anywhere_shows_bounces_that_the_motion_judge_accepts
     assert motion_steps(anywhere.images, anywhere.labels).all()
     assert torch.equal(make_moving_mnist(n_clips=30, motion="class", start="inside", seed=2).images,
                        make_moving_mnist(n_clips=30, motion="class", seed=2).images)
+
+
+def test_moving_mnist_lattice_keeps_every_position_on_it_and_moves_by_whole_cells():
+    """lattice=4, speed 4: every top-left corner is a multiple of 4 within the walls (0..16 for a 14-pixel
+    digit in 32), each step moves exactly 4 pixels along the class's axis (reversed at a wall) and none
+    across, so a frame is the one before shifted by one 4x4 patch; the judge accepts every step."""
+    from ditkit.data.moving_mnist import DIRECTIONS, _path, make_moving_mnist
+    from ditkit.evaluate.video import motion_steps
+
+    rng = np.random.RandomState(0)
+    for n in range(200):
+        k = n % 4
+        path = _path(rng, k, 4.0, 18, 8, "anywhere", lattice=4)
+        assert (path % 4 == 0).all() and path.min() >= 0 and path.max() <= 16
+        axis = 0 if DIRECTIONS[k][0] else 1
+        assert (np.abs(np.diff(path[:, axis])) == 4).all() and (np.diff(path[:, 1 - axis]) == 0).all()
+    data = make_moving_mnist(n_clips=100, frames=8, motion="class", speed=4, lattice=4, start="anywhere")
+    assert motion_steps(data.images, data.labels, speed=4).all()
+    clip, way = data.images[0, 0], DIRECTIONS[int(data.labels[0]) % 4]
+    shifted = [torch.equal(torch.roll(clip[f], (4 * way[0], 4 * way[1]), (0, 1)), clip[f + 1]) for f in range(7)]
+    assert any(shifted)  # the steps away from a wall are whole-patch shifts
+    with pytest.raises(ValueError, match="lattice must be a positive divisor of the speed"):
+        make_moving_mnist(n_clips=2, motion="class", speed=2, lattice=4)
 
 
 def test_moving_mnist_start_is_validated():

@@ -175,3 +175,33 @@ def test_clips_written_by_sample_load_and_evaluate(classifier, clips, tmp_path):
     images, labels = load_samples(path)
     from_file = evaluate_clips(images, labels, classifier=classifier)
     assert from_file == evaluate_clips(clips.numpy(), LABELS.numpy(), classifier=classifier)
+
+
+def test_clip_rule_recorded_in_the_npz_sets_the_real_clips(classifier, tmp_path, monkeypatch, capsys):
+    """`ditkit sample` records a moving-MNIST run's data options (CLIP_RULE) in its .npz; `ditkit eval` reads
+    them, so lattice clips at 4 px a frame are judged against real clips of the same rule (every step right),
+    and a flag overrides the record."""
+    import json
+
+    from ditkit.cli import main
+    from ditkit.evaluate import video
+    from ditkit.evaluate.video import load_clip_rule
+
+    rule = {"motion": "class", "speed": 4, "start": "anywhere", "lattice": 4}
+    labels = torch.arange(10).repeat(2)
+    lattice = real_clips(labels, FRAMES, SIZE, speed=4, start="anywhere", lattice=4, seed=3)
+    path = tmp_path / "clips.npz"
+    np.savez(path, images=lattice.numpy(), labels=labels.numpy(), clip_rule=json.dumps(rule))
+    assert load_clip_rule(path) == rule and load_clip_rule(tmp_path / "none.npz") == {}
+    metrics = evaluate_clips(lattice, labels, classifier=classifier, **rule)
+    assert metrics["motion"] == metrics["motion_real"] == 1.0 and metrics["speed"] == 4
+    assert evaluate_clips(lattice, labels, classifier=classifier)["motion"] == 0.0  # judged at 2 px a frame
+
+    monkeypatch.setattr(video, "load_classifier", lambda: classifier)
+    capsys.readouterr()
+    assert main(["eval", str(path), "--json"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert (recorded["speed"], recorded["motion"]) == (4, 1.0)
+    assert main(["eval", str(path), "--json", "--speed", "8"]) == 0  # a flag wins over the record
+    overridden = json.loads(capsys.readouterr().out)
+    assert overridden["speed"] == 8 and overridden["motion"] < 0.5

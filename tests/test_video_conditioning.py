@@ -276,6 +276,7 @@ def test_cli_image_to_video_and_extension(runs, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(runs / "context"), "--first-frame", str(digit), "--class", "3",
                  "--n-per-class", "2", "--steps", "2", "--out", str(out)]) == 0
     clips = np.load(out)["images"]
+    assert str(np.load(out)["clip_rule"]) == '{"motion": "class"}'  # for `ditkit eval` (test_evaluate_video)
     want = np.asarray(Image.open(digit), dtype=np.float32) / 127.5 - 1
     assert clips.shape == (2, 1, 4, 16, 16) and np.array_equal(clips[:, 0, 0], np.stack([want, want]))
     assert main(["sample", "--ckpt", str(runs / "context"), "--frames", "10", "--class", "3", "--n-per-class", "1",
@@ -290,3 +291,17 @@ def test_cli_image_to_video_and_extension(runs, tmp_path, capsys):
     assert "video runs only" in capsys.readouterr().err
     recorded = Pipeline.load(runs / "context", device="cpu").info["train_config"]
     assert recorded["context_share"] == 0.5 and recorded["context_frames"] == 1
+
+
+def test_sample_frames_sets_the_clip_length_drawn_by_default(runs):
+    """sample_frames: a run trained on short windows gives clips of that many frames when none are asked for,
+    by extension (the first window's frames are the start of the clip); an image run may not set it."""
+    pipe = Pipeline.load(runs / "context", device="cpu")
+    short = pipe.generate(classes=[3], steps=2, progress=False)
+    pipe.info["train_config"]["sample_frames"] = 7
+    long = pipe.generate(classes=[3], steps=2, progress=False)
+    assert short.images.shape[2] == 4 and long.images.shape[2] == 7 and "frame_conditioning" in long.settings
+    assert torch.equal(long.images[:, :, :4], short.images)  # the same seed draws the same first window
+    assert pipe.generate(classes=[3], frames=5, steps=2, progress=False).images.shape[2] == 5
+    with pytest.raises(ValueError, match="sample_frames is a video run's default clip length"):
+        build_config(assignments=["sample_frames=8"])

@@ -77,7 +77,7 @@ def test_a_changed_image_run_is_refused(factorized, tmp_path):
 
 
 @pytest.mark.parametrize("settings, match", [
-    (["context_share=0"], "frame conditioning on that frame"),
+    (["context_share=0"], r"frame conditioning \(context_share > 0\)"),
     (["patch_t=2", "context_frames=2"], "patch_t=1"),
     (["image_model_minutes=1"], "without one it does nothing"),
 ])

@@ -156,7 +156,7 @@ EVAL_ROWS = (("classifier_heldout_accuracy", "classifier accuracy, held-out real
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ditkit.evaluate import evaluate, evaluate_clips, load_samples
-    from ditkit.evaluate.video import clip_metrics_table
+    from ditkit.evaluate.video import clip_metrics_table, load_clip_rule
 
     samples = args.samples or args.samples_file
     if not samples:
@@ -168,7 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     size = dict(image_size=32, channels=1) if args.reference == "mnist" else {}
     images, labels = load_samples(samples, **size)
     if images.ndim == 5:  # clips (N, C, F, H, W) from a video run: per-frame metrics beside real clips'
-        metrics = evaluate_clips(images, labels, motion=args.motion, speed=args.speed, digit_size=args.digit_size)
+        rule = load_clip_rule(samples)  # the run's data options, recorded by `ditkit sample`; flags override them
+        rule.update({k: v for k, v in dict(motion=args.motion, speed=args.speed, digit_size=args.digit_size).items()
+                     if v is not None})
+        metrics = evaluate_clips(images, labels, **rule)
         print(json.dumps(metrics) if args.json else clip_metrics_table(metrics))
         return 0
     metrics = evaluate(images, labels, reference=args.reference, inception_weights=args.inception_weights)
@@ -428,8 +431,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    "clips (N, C, F, H, W) in [-1, 1] and optional labels, or a folder of images (DIR/<label>/*.png "
                    "as `ditkit sample --out DIR/` writes, or DIR/*.png)")
     p.add_argument("--samples", help="the same as SAMPLES")
-    p.add_argument("--motion", default="class", choices=("class", "label", "bounce"),
-                   help="clips: the moving-MNIST motion rule they follow")
+    p.add_argument("--motion", choices=("class", "label", "bounce"),
+                   help="clips: the moving-MNIST motion rule they follow (default: the one `ditkit sample` "
+                   "recorded in the .npz, else class; the same for --speed and --digit-size)")
     p.add_argument("--speed", type=float, help="clips: pixels per frame (default image_size / 16, as moving MNIST)")
     p.add_argument("--digit-size", type=int, help="clips: digit side in pixels (default 7/16 of the frame)")
     p.add_argument("--reference", default="mnist", help="mnist (default) | a directory of images | FILE.npz")

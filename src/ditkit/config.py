@@ -74,6 +74,8 @@ class VideoConfig:
     #                                              model continues (Emu Video's factorisation; needs context_share);
     #                                              a config file is trained first, into OUT/image
     image_model_minutes: float | None = identity(None)  # image_model=CONFIG_FILE: that run's time budget
+    sample_frames: int | None = None             # frames of a sampled clip when none are asked for (None: the
+    #                                              trained window); more than `frames` are drawn by extension
 
 
 @dataclass
@@ -526,18 +528,17 @@ def check_interval(key: str, lo_hi: tuple[float, float] | None) -> None:
 
 
 def validate_image_model(c: TrainConfig) -> None:
-    """image_model: a video run trained to continue given first frames (context_share, one frame), and an image
-    run directory or a config file to train first."""
+    """image_model: a video run trained to continue given first frames (context_share, whole one-frame tubelets),
+    and an image run directory or a config file to train first."""
     if c.image_model is None:
         if c.image_model_minutes is not None:
             raise ValueError("image_model_minutes is the time budget of an image_model=CONFIG_FILE run; without one "
                              "it does nothing")
         return
-    if c.data not in VIDEO_SOURCES or not c.context_share or (c.patch_t, c.context_frames) != (1, 1):
+    if c.data not in VIDEO_SOURCES or not c.context_share or c.patch_t != 1:
         raise ValueError(f"image_model draws first frames that the video model continues: it needs video data, "
-                         f"patch_t=1 (a tubelet of one frame) and frame conditioning on that frame (context_share > 0, "
-                         f"context_frames=1); got data={c.data!r}, patch_t={c.patch_t}, context_share="
-                         f"{c.context_share}, context_frames={c.context_frames}")
+                         f"patch_t=1 (a tubelet of one frame) and frame conditioning (context_share > 0); got "
+                         f"data={c.data!r}, patch_t={c.patch_t}, context_share={c.context_share}")
     if is_config_file(c.image_model):
         if not Path(c.image_model).is_file():
             raise FileNotFoundError(f"image_model={c.image_model}: config file not found")
@@ -567,6 +568,9 @@ def validate_context(c: TrainConfig) -> None:
                          f"got {c.context_share}")
     if c.context_frames < 1:
         raise ValueError(f"context_frames must be >= 1, got {c.context_frames}")
+    if c.sample_frames is not None and (c.data not in VIDEO_SOURCES or c.sample_frames < 1):
+        raise ValueError(f"sample_frames is a video run's default clip length: it needs video data and a value "
+                         f">= 1; got data={c.data!r}, sample_frames={c.sample_frames}")
     if not c.context_share:
         return
     if c.data not in VIDEO_SOURCES or c.objective != "flow":

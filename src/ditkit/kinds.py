@@ -13,6 +13,7 @@ frames are drawn (given first frames, extension window by window), and the files
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from ditkit import checkpoint as ckpt
 from ditkit.checksums import sha256
 from ditkit.data.conditions import make_condition
+from ditkit.data.moving_mnist import CLIP_RULE
 from ditkit.images import save_gif, save_grid, save_image_folder, save_mp4, save_png, shown_classes, to_uint8
 from ditkit.diffusion.flow import FlowMatching
 from ditkit.models import DiT, MMDiT, PixArtDiT, VideoDiT
@@ -147,6 +149,10 @@ class ImageRun:
         """Whether a folder of samples gets one subfolder per label."""
         return run.conditional
 
+    def sample_record(self, run: LoadedRun) -> dict[str, str]:
+        """Strings an .npz of samples keeps beside images and labels, for `ditkit eval` to read."""
+        return {}
+
     def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
         """FILE.png (one image at its own size, or a grid of `ncol` columns) or DIR/ (one PNG per sample)."""
         if path.endswith(".png") and len(images) == 1:  # one image: at its own size, no border
@@ -169,7 +175,12 @@ class VideoRun(ImageRun):
     def clip(self, run: LoadedRun, frames: int | None) -> list[int]:
         if frames is not None and frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
-        return [frames or run.model.num_frames]
+        return [frames or self.default_frames(run)]
+
+    @staticmethod
+    def default_frames(run: LoadedRun) -> int:
+        """A clip's frames when none are asked for: the run's sample_frames, else its trained window."""
+        return int(run.info.get("train_config", {}).get("sample_frames") or run.model.num_frames)
 
     def check_output(self, path: str) -> None:
         if not path.endswith((".gif", ".mp4")):
@@ -180,6 +191,14 @@ class VideoRun(ImageRun):
 
     def write(self, run: LoadedRun, path: str, images: Tensor, labels: Tensor, ncol: int, scale: int) -> None:
         (save_gif if path.endswith(".gif") else save_mp4)(path, images, nrow=ncol, scale=scale)
+
+    def sample_record(self, run: LoadedRun) -> dict[str, str]:
+        """A moving-MNIST run's clip rule (its data options that `evaluate_clips` takes), as JSON."""
+        config = run.info.get("train_config", {})
+        if config.get("data") != "moving_mnist":
+            return {}
+        args = config.get("data_args") or {}
+        return {"clip_rule": json.dumps({k: args[k] for k in CLIP_RULE if k in args})}
 
     def drawn_first_frames(self, run: LoadedRun, columns: list[int], n_per_class: int, seed: int,
                            progress: bool) -> Tensor | None:
@@ -210,7 +229,7 @@ class VideoRun(ImageRun):
         frames fill whole tubelets, else inpaint (noted). extend None: when more frames are asked for than
         the run was trained on and it was trained with frame conditioning (inpaint otherwise on request)."""
         model, config = run.model, run.info.get("train_config", {})
-        window, pt, total = model.num_frames, model.patch_t, frames or model.num_frames
+        window, pt, total = model.num_frames, model.patch_t, frames or self.default_frames(run)
         trained = bool(config.get("context_share"))
         if conditioning not in (None, *FRAME_CONDITIONINGS):
             raise ValueError(f"frame_conditioning must be one of {', '.join(FRAME_CONDITIONINGS)}, "

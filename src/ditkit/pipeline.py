@@ -318,7 +318,8 @@ class Pipeline:
 
     def save(self, samples: Samples, path: str | os.PathLike, scale: int | None = None) -> Path:
         """Write samples by the path's form: FILE.png (one image at its own size, or a grid of `ncol`
-        columns), FILE.npz (images in [-1, 1], labels), DIR/ (one PNG per sample, a subfolder per class),
+        columns), FILE.npz (images in [-1, 1], labels; a moving-MNIST run's clip rule for `ditkit eval`),
+        DIR/ (one PNG per sample, a subfolder per class),
         FILE.gif / FILE.mp4 (clips). `scale` enlarges each pixel (default 1, clips 2)."""
         self.check_output(path)
         text, images = str(path), samples.images
@@ -329,7 +330,7 @@ class Pipeline:
             raise ValueError(f"these samples are raw latents: write them to FILE.npz, not {text}")
         if text.endswith(".npz"):
             with atomic_path(text) as tmp, open(tmp, "wb") as f:
-                np.savez(f, images=images.numpy(), labels=samples.labels.numpy())
+                np.savez(f, images=images.numpy(), labels=samples.labels.numpy(), **self._kind.sample_record(self))
         else:
             self._kind.write(self, text, images, samples.labels, samples.ncol, scale)
         return Path(text)

@@ -8,7 +8,9 @@ direction, DIRECTIONS[k % 4] (right, down, left, up), so the class label also fi
 40 classes named like "3-left"). In "class" and "label" clips the start is, with `start` "inside", drawn so
 that the digit does not reach an edge within the clip whenever the frame has room for that; with "anywhere"
 it is drawn anywhere in the frame, so that many clips show the digit hitting a wall and bouncing back (what a
-model must see to continue a clip past a wall).
+model must see to continue a clip past a wall). With a `lattice` of L pixels, every position is a multiple of L
+(the start is drawn on the lattice, the speed is a multiple of L and the walls stand on it), so with L equal to
+a model's patch size each frame's digit sits on the patch grid and a clip moves by whole tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ MOTIONS = ("bounce", "class", "label")
 DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (rows, columns) per frame: right, down, left, up
 DIRECTION_NAMES = ("right", "down", "left", "up")
 STARTS = ("inside", "anywhere")
-OPTIONS = ("n_clips", "num_digits", "motion", "speed", "digit_size", "start")  # what a config may set (data_args)
+OPTIONS = ("n_clips", "num_digits", "motion", "speed", "digit_size", "start", "lattice")  # a config's data_args
+CLIP_RULE = ("motion", "speed", "digit_size", "start", "lattice")  # what a clip follows (evaluate_clips' options)
 
 
 @dataclass
@@ -76,9 +79,11 @@ def _digits(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _path(rng: np.random.RandomState, direction: int | None, speed: float, room: int, frames: int,
-          start: str) -> np.ndarray:
+          start: str, lattice: int | None = None) -> np.ndarray:
     """One digit's (frames, 2) integer top-left corners: a random direction (direction None) from anywhere,
     or DIRECTIONS[direction] from a start drawn as `start` says (see the module docstring)."""
+    if lattice is not None:
+        return lattice * _cell_path(rng, direction, round(speed / lattice), room // lattice, frames, start)
     if direction is None:
         angle = rng.uniform(0, 2 * np.pi)
         velocity = speed * np.array([np.sin(angle), np.cos(angle)])
@@ -95,9 +100,26 @@ def _path(rng: np.random.RandomState, direction: int | None, speed: float, room:
     return np.rint(_reflect(origin[None] + steps[:, None] * velocity[None], room)).astype(int)
 
 
+def _cell_path(rng: np.random.RandomState, direction: int | None, cells_per_frame: int, cells: int, frames: int,
+               start: str) -> np.ndarray:
+    """`_path` on a lattice: (frames, 2) positions in whole cells between walls at 0 and `cells`."""
+    if direction is None:
+        velocity = cells_per_frame * np.array(DIRECTIONS[rng.randint(4)])
+    else:
+        velocity = cells_per_frame * np.array(DIRECTIONS[direction])
+    origin = rng.randint(0, cells + 1, size=2)
+    travel = cells_per_frame * (frames - 1)
+    if direction is not None and start == "inside" and travel <= cells:
+        axis = 0 if velocity[0] else 1
+        origin[axis] = rng.randint(0, cells - travel + 1) + (travel if velocity[axis] < 0 else 0)
+    steps = np.arange(frames)
+    return _reflect(origin[None] + steps[:, None] * velocity[None], cells).astype(int)
+
+
 def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32, num_digits: int = 1,
                       motion: str = "bounce", speed: float | None = None, digit_size: int | None = None,
-                      split: str = "train", seed: int = 0, start: str = "inside") -> VideoDataset:
+                      split: str = "train", seed: int = 0, start: str = "inside",
+                      lattice: int | None = None) -> VideoDataset:
     """`n_clips` clips (N, 1, frames, image_size, image_size) in [-1, 1]; label = the digit (see `motion`).
 
     digit_size: the side digits are resized to (default 7/16 of the frame: 28 px in 64, 14 px in 32).
@@ -105,6 +127,7 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
     the clip's class and move independently; overlaps keep the brighter pixel. Digits come from the
     MNIST-5k `split` ("train", "heldout" or "all", as `load_mnist`). start: "inside" or "anywhere", where
     "class" and "label" clips start (see the module docstring; "bounce" clips always start anywhere).
+    lattice: pixels between allowed positions (a divisor of speed; "bounce" clips then move along an axis).
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}: expected one of {', '.join(MOTIONS)}")
@@ -119,6 +142,8 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
     if min(n_clips, frames, image_size, num_digits) < 1 or not 0 < digit_size <= image_size or speed < 0:
         raise ValueError(f"need n_clips, frames, image_size, num_digits >= 1, 0 < digit_size <= image_size and "
                          f"speed >= 0; got {n_clips}, {frames}, {image_size}, {num_digits}, {digit_size}, {speed}")
+    if lattice is not None and (lattice < 1 or speed % lattice):
+        raise ValueError(f"lattice must be a positive divisor of the speed ({speed:g} pixels per frame); got {lattice}")
     digits, labels = _digits(split, digit_size)
 
     rng = np.random.RandomState(seed)  # frozen stream across numpy versions (NEP 19)
@@ -133,7 +158,7 @@ def make_moving_mnist(n_clips: int = 5000, frames: int = 8, image_size: int = 32
         direction = k % 4 if motion == "class" else rng.randint(4) if motion == "label" else None
         clip_labels[n] = k * 4 + direction if motion == "label" else k
         for index in chosen:
-            for f, (r, c) in enumerate(_path(rng, direction, speed, room, frames, start)):
+            for f, (r, c) in enumerate(_path(rng, direction, speed, room, frames, start, lattice)):
                 window = clips[n, f, r:r + digit_size, c:c + digit_size]
                 np.maximum(window, digits[index], out=window)
     names = ([f"{k}-{d}" for k in range(10) for d in DIRECTION_NAMES] if motion == "label"

@@ -8,12 +8,17 @@ every frame after framing the digit as MNIST does (see `frame_views`).
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditkit.data.moving_mnist import DIRECTIONS, MOTIONS, make_moving_mnist
+from ditkit.data.moving_mnist import CLIP_RULE, DIRECTIONS, MOTIONS, make_moving_mnist
 from ditkit.evaluate.classifier import DigitClassifier, load_classifier
 from ditkit.evaluate.metrics import RANGE_SLACK, _warn_if_few, frechet_distance_from_features
 
@@ -185,7 +190,8 @@ def motion_steps(clips: Tensor, labels: Tensor, speed: float | None = None, digi
 
 
 def real_clips(labels: Tensor, frames: int, image_size: int, motion: str = "class", speed: float | None = None,
-               digit_size: int | None = None, split: str = "heldout", seed: int = 0) -> Tensor:
+               digit_size: int | None = None, split: str = "heldout", seed: int = 0, start: str = "inside",
+               lattice: int | None = None) -> Tensor:
     """Moving-MNIST clips (N, 1, frames, image_size, image_size) of `split` with exactly these labels.
 
     Clips are drawn from `seed` and the first one of each label is kept in turn, so two calls with the
@@ -196,7 +202,7 @@ def real_clips(labels: Tensor, frames: int, image_size: int, motion: str = "clas
     pool = 2 * len(labels) + 200
     while True:
         data = make_moving_mnist(n_clips=pool, frames=frames, image_size=image_size, motion=motion, speed=speed,
-                                 digit_size=digit_size, split=split, seed=seed)
+                                 digit_size=digit_size, split=split, seed=seed, start=start, lattice=lattice)
         have = torch.bincount(data.labels, minlength=len(need))[:len(need)]
         if bool((have >= need).all()):
             break
@@ -226,7 +232,8 @@ def _scores(model: DigitClassifier, clips: Tensor, labels: Tensor, motion: str, 
 
 
 def evaluate_clips(clips: Tensor, labels: Tensor | None, *, speed: float | None = None, motion: str = "class",
-                   digit_size: int | None = None, classifier: DigitClassifier | None = None,
+                   digit_size: int | None = None, start: str = "inside", lattice: int | None = None,
+                   classifier: DigitClassifier | None = None,
                    view: str = "framed", reference_seed: int = 0, batch_size: int = 250) -> dict[str, float]:
     """Quality of moving-MNIST clips (N, 1, F, H, W) in [-1, 1] of class `labels` (N,), each number
     with the same for real clips beside it (key + "_real").
@@ -240,8 +247,9 @@ def evaluate_clips(clips: Tensor, labels: Tensor | None, *, speed: float | None 
     for as many frames of real training-split clips; fd_ratio: their ratio.
 
     The real clips are moving MNIST's held-out split (the training split for the FD baseline) with the
-    same labels, frames, image size, speed, digit size and motion, drawn from `reference_seed`.
-    `speed` and `digit_size` default to moving MNIST's (image_size / 16 and 7/16 of the frame).
+    same labels, frames, image size, speed, digit size, motion, start and lattice (`make_moving_mnist`'s
+    options: `CLIP_RULE` reads them from a sample file), drawn from `reference_seed`. `speed` and
+    `digit_size` default to moving MNIST's (image_size / 16 and 7/16 of the frame).
     view: how frames are shown to the classifier (see `frame_views`). The default "framed" crops the
     digit around its centre of mass and rescales it to MNIST's framing, because the classifier was
     trained on centred 28-pixel digits in 32 pixels, while a moving digit is small and off-centre:
@@ -261,7 +269,8 @@ def evaluate_clips(clips: Tensor, labels: Tensor | None, *, speed: float | None 
         raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
     _warn_if_few(n * f, 128, "clip frames")
     model = (classifier or load_classifier()).eval()
-    options = dict(frames=f, image_size=h, motion=motion, speed=speed, digit_size=digit_size)
+    options = dict(frames=f, image_size=h, motion=motion, speed=speed, digit_size=digit_size,
+                   start="inside" if motion == "bounce" else start, lattice=lattice)
     held = real_clips(labels, split="heldout", seed=reference_seed, **options)
     train = real_clips(labels, split="train", seed=reference_seed + 1, **options)
     fake_scores, f_fake = _scores(model, clips, labels, motion, speed, digit_size, view, batch_size)
@@ -274,6 +283,18 @@ def evaluate_clips(clips: Tensor, labels: Tensor | None, *, speed: float | None 
     metrics["fd_classifier_real_baseline"] = frechet_distance_from_features(f_train, f_held)
     metrics["fd_ratio"] = metrics["fd_classifier"] / max(metrics["fd_classifier_real_baseline"], 1e-12)
     return metrics
+
+
+def load_clip_rule(path: str | os.PathLike) -> dict[str, Any]:
+    """The clip rule (CLIP_RULE's options) that `ditkit sample` records in an .npz of a moving-MNIST run's
+    clips; {} for other files."""
+    if not str(path).endswith(".npz") or not Path(path).is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as npz:
+        if "clip_rule" not in npz.files:
+            return {}
+        rule = json.loads(str(npz["clip_rule"]))
+    return {k: rule[k] for k in CLIP_RULE if k in rule}
 
 
 def clip_metrics_table(metrics: dict[str, float]) -> str:

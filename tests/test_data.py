@@ -205,3 +205,18 @@ def test_moving_mnist_start_is_validated():
         make_moving_mnist(n_clips=2, motion="class", start="edge")
     with pytest.raises(ValueError, match="start=anywhere is for motion class or label"):
         load_dataset("moving_mnist", n_clips=2, start="anywhere")
+
+
+def test_shapes_colours_hold_a_colour_word_out():
+    """colours: only those colours are drawn (every shape at every position), the captions name them, and the
+    full palette given explicitly is the default set; an unknown colour is named."""
+    from ditkit.data.shapes import COLOURS, make_shapes
+
+    yellow = load_dataset("shapes", n=45, colours=["yellow"])
+    assert len(yellow.class_names) == 15 and all("yellow" in c for c in yellow.captions)
+    assert sorted(set(yellow.captions)) == sorted(yellow.class_names)
+    base = make_shapes(n=90, colours=["red", "green", "blue"], max_objects=2)
+    assert not any("yellow" in c for c in base.captions)
+    assert torch.equal(make_shapes(n=30).images, make_shapes(n=30, colours=list(COLOURS)).images)
+    with pytest.raises(ValueError, match="colours must name distinct colours of red, green, blue, yellow"):
+        make_shapes(n=2, colours=["purple"])

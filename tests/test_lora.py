@@ -290,3 +290,41 @@ def test_a_diffusers_directory_is_a_base(tmp_path):
     ours = Pipeline.load(out)
     ours.scale_adapter(0.0)
     torch.testing.assert_close(ours.model(x, t, y), original(x, t, y), atol=1e-5, rtol=0)
+
+
+def test_an_adapter_trains_on_images_of_another_size(base, tmp_path):
+    """The base was trained on 8x8 digits; an adapter run on 12x12 ones recomputes the fixed positions for
+    the larger grid (DiT's sin-cos table is a function of the grid) and samples at 12x12."""
+    out = tmp_path / "larger"
+    train(tiny_config(out, steps=1, image_size=12, init=str(base), lora_rank=2, data_args={"classes": [1]}),
+          progress=False)
+    pipe = Pipeline.load(out, device="cpu")
+    assert pipe.image_size == (12, 12) and pipe.model.pos_embed.shape[1] == 36
+    assert pipe.generate(classes=[0], steps=2, progress=False).images.shape == (1, 1, 12, 12)
+
+
+def test_a_text_adapter_replays_the_base_captions_the_data_lacks(tmp_path):
+    """replay_per_class on a text run: the base's own samples of each of its training captions that the
+    adapter's data lacks join the data with those captions (prior preservation for a new caption word)."""
+    from ditkit.train.finetune import REPLAY_FILE
+
+    text = dict(data="shapes", text_model="pixart", text_encoder="bytes", text_max_length=24, image_size=8,
+                hidden_size=32, depth=2, num_heads=2, patch_size=4, batch_size=8, warmup_steps=1, precision="fp32",
+                samples_per_class=1, save_every=100)
+    base = tmp_path / "base"
+    train(build_config(overrides={**text, "out": str(base), "steps": 1,
+                                  "data_args": {"n": 30, "colours": ["red", "blue"]}}, assignments=SAMPLE),
+          progress=False)
+    out = tmp_path / "yellow"
+    c = build_config(overrides={**text, "out": str(out), "steps": 1, "init": str(base), "lora_rank": 2,
+                                "replay_per_class": 1, "data_args": {"n": 15, "colours": ["yellow"]}},
+                     assignments=SAMPLE)
+    from ditkit.train.finetune import finetune_kind
+    from ditkit.train.kinds import make_kind
+
+    data = finetune_kind(c, make_kind(c)).data
+    assert len(data.images) == 15 + 30 and data.num_classes == 45 == len(data.class_names)
+    assert sum("yellow" in t for t in data.captions) == 15 and sum("red" in t for t in data.captions) == 15
+    assert [data.class_names[k] for k in data.labels] == data.captions
+    train(c, progress=False)
+    assert (out / REPLAY_FILE).is_file() and Pipeline.load(out, device="cpu").info["adapter"]

@@ -31,7 +31,7 @@ def test_shapes_are_captioned_and_the_judge_reads_them():
     labelled = data.captions_as_labels()
     assert [labelled.class_names[k] for k in labelled.labels[:5]] == data.captions[:5]
     with pytest.raises(ValueError, match="unknown shapes option"):
-        load_dataset("shapes", colours=2)
+        load_dataset("shapes", sizes=2)
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,9 @@ class FinetuneConfig:
     classes: str | None = identity(None)         # the label set, comma-separated names (None: the base's classes,
     #                                              then the data's new ones); shared names keep their rows
     new_class_init: str = identity("null")       # a new class's row starts as the base's "null" row or the "mean"
-    replay_per_class: int = identity(0)          # per base class the data lacks: samples drawn from the base and
-    #                                              trained on (prior preservation; cached in OUT/replay.safetensors)
+    replay_per_class: int = identity(0)          # per base class (text runs: training caption) the data lacks:
+    #                                              samples drawn from the base and trained on (prior preservation;
+    #                                              cached in OUT/replay.safetensors)
     lora_rank: int | None = identity(None)       # a LoRA adapter of this rank on the frozen base (None: in full)
     lora_alpha: float | None = identity(None)    # LoRA alpha (None: the rank, a scale of 1)
     lora_targets: str | None = identity(None)    # comma-separated groups (attention, mlp, modulation) or module

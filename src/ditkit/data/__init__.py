@@ -23,7 +23,7 @@ from ditkit.data.patterns import make_patterns
 from ditkit.data.shapes import make_shapes
 
 BUILTIN = ("mnist", "patterns", "moving_mnist", "moving_mnist_frames", "shapes")
-SHAPES_OPTIONS = ("n", "max_objects")
+SHAPES_OPTIONS = ("n", "max_objects", "colours")
 VIDEO_SOURCES = ("moving_mnist",)  # sources of clips (N, C, F, H, W): a VideoDataset
 
 

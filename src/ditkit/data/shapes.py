@@ -50,17 +50,23 @@ def render(objects: list[tuple[str, str, str]], image_size: int, rng: np.random.
     return np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
 
 
-def make_shapes(n: int = 6000, image_size: int = 32, max_objects: int = 1, seed: int = 0) -> ImageDataset:
+def make_shapes(n: int = 6000, image_size: int = 32, max_objects: int = 1, seed: int = 0,
+                colours: list[str] | None = None) -> ImageDataset:
     """n captioned images; with one object per image every (colour, shape, position) appears equally often.
 
     labels are the index of the single object's (colour, shape, position) combination (for the
-    class-conditional view of the set); with several objects every label is 0.
+    class-conditional view of the set); with several objects every label is 0. colours: the palette's
+    colours drawn (default all of COLOURS), e.g. to hold a colour word out of a base's training.
     """
     if n < 1 or image_size < 8 or not 1 <= max_objects <= 4:
         raise ValueError(f"shapes need n >= 1, image_size >= 8 and 1 <= max_objects <= 4, got {n}, {image_size}, "
                          f"{max_objects}")
+    palette = list(COLOURS) if colours is None else list(colours) if isinstance(colours, (list, tuple)) else [colours]
+    unknown = [c for c in palette if c not in COLOURS]
+    if unknown or not palette or len(set(palette)) < len(palette):
+        raise ValueError(f"colours must name distinct colours of {', '.join(COLOURS)}; got {colours}")
     rng = np.random.default_rng(seed)
-    combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    combos = [(c, s, p) for c in palette for s in SHAPES for p in POSITIONS]
     images, captions, labels = [], [], []
     corners = [p for p in POSITIONS if p != "centre"]
     for i in range(n):
@@ -72,7 +78,7 @@ def make_shapes(n: int = 6000, image_size: int = 32, max_objects: int = 1, seed:
             count = int(rng.integers(1, max_objects + 1))
             places = corners if count > 1 else list(POSITIONS)
             chosen = rng.choice(len(places), size=count, replace=False)
-            objects = [(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), places[j]) for j in chosen]
+            objects = [(str(rng.choice(palette)), str(rng.choice(SHAPES)), places[j]) for j in chosen]
         images.append(render(objects, image_size, rng))
         captions.append(" and ".join(caption(*o) for o in objects))
         labels.append(k)

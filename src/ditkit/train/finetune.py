@@ -61,6 +61,11 @@ class FinetuneKind:
             inner.data = relabel(data, names)
             if c.replay_per_class:
                 inner.data = with_replay(c, inner.data, data.class_names, base_names, self.identity["path"])
+        elif data.captions is not None and c.classes is None and c.replay_per_class:
+            if not self.facts.get("info", {}).get("conditional"):
+                raise ValueError(f"replay_per_class on a text run draws the base's training captions: init={c.init} "
+                                 f"records none (its data had no caption set, e.g. multi-object shapes)")
+            inner.data = with_caption_replay(c, data, list(self.facts["class_names"]), self.identity["path"])
         elif c.classes is not None or c.replay_per_class:
             raise ValueError(f"classes and replay_per_class remap class labels: init={c.init} holds a "
                              f"{type(self.base).__name__} without a class table, or the data is not class-labelled")
@@ -151,35 +156,69 @@ def with_replay(c: Any, data: ImageDataset, own: list[str], base_names: list[str
     wanted = [n for n in data.class_names if n in base_names and n not in own]
     if not wanted:
         return data
-    path = Path(c.out) / REPLAY_FILE
-    key = f"{c.replay_per_class}:{','.join(wanted)}:{c.seed}"
-    cached = load_file(str(path)) if path.is_file() else {}
-    if cached and cached.get("key") is not None and bytes(cached["key"].tolist()).decode() == key:
-        images, labels = cached["images"], cached["labels"]
-    else:
-        images, labels = draw_replay(c, base, [base_names.index(n) for n in wanted], [data.class_names.index(n)
-                                                                                      for n in wanted])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"images": images.contiguous(), "labels": labels,
-                       "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
+    images, labels = cached_replay(c, ",".join(wanted), lambda: draw_replay(
+        c, base, [base_names.index(n) for n in wanted], [data.class_names.index(n) for n in wanted]))
     return dataclasses.replace(data, images=torch.cat([data.images, images.to(data.images)]),
                                labels=torch.cat([data.labels, labels]))
 
 
-@torch.no_grad()
-def draw_replay(c: Any, base: str, base_classes: list[int], labels: list[int]) -> tuple[Tensor, Tensor]:
-    """The base's samples of `base_classes` (its own sampling settings), labelled `labels` in the new set."""
+def with_caption_replay(c: Any, data: ImageDataset, base_captions: list[str], base: str) -> ImageDataset:
+    """A text run's `data` plus replay_per_class samples of each of the base's training captions that the
+    data lacks, drawn from the base with those captions (prior preservation for a new caption word); the
+    captions join the data's class names."""
+    wanted = [t for t in base_captions if t not in set(data.captions or [])]
+    if not wanted:
+        return data
+    first = len(data.class_names)
+    images, labels = cached_replay(c, "\n".join(wanted), lambda: draw_caption_replay(c, base, wanted, first))
+    return dataclasses.replace(data, images=torch.cat([data.images, images.to(data.images)]),
+                               labels=torch.cat([data.labels, labels]), num_classes=first + len(wanted),
+                               class_names=[*data.class_names, *wanted],
+                               captions=[*data.captions, *(wanted[int(k) - first] for k in labels)])
+
+
+def cached_replay(c: Any, what: str, draw: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The replayed (images, labels) of `what`, from OUT/replay.safetensors when it holds them for these
+    settings, else drawn and written there."""
+    path = Path(c.out) / REPLAY_FILE
+    key = f"{c.replay_per_class}:{what}:{c.seed}"
+    cached = load_file(str(path)) if path.is_file() else {}
+    if cached and cached.get("key") is not None and bytes(cached["key"].tolist()).decode() == key:
+        return cached["images"], cached["labels"]
+    images, labels = draw()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous(), "labels": labels,
+                   "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
+    return images, labels
+
+
+def _replay_pipeline(c: Any, base: str, what: str) -> Any:
     from ditkit.pipeline import Pipeline
 
     pipe = Pipeline.load(base)
     if pipe.info.get("latent"):
         raise ValueError("replay_per_class draws images from the base: a latent run's base is not supported")
-    print(f"replay: drawing {c.replay_per_class} samples of each of {len(base_classes)} base classes", flush=True)
+    print(f"replay: drawing {c.replay_per_class} samples of each of {what}", flush=True)
+    return pipe
+
+
+@torch.no_grad()
+def draw_replay(c: Any, base: str, base_classes: list[int], labels: list[int]) -> tuple[Tensor, Tensor]:
+    """The base's samples of `base_classes` (its own sampling settings), labelled `labels` in the new set."""
+    pipe = _replay_pipeline(c, base, f"{len(base_classes)} base classes")
     samples = pipe.generate(classes=base_classes, n_per_class=c.replay_per_class, seed=c.seed, progress=False)
     index = {b: k for b, k in zip(base_classes, labels)}
     y = torch.tensor([index[int(b)] for b in torch.tensor(base_classes).repeat(c.replay_per_class)])
     return samples.images.float().clamp(-1, 1), y
+
+
+@torch.no_grad()
+def draw_caption_replay(c: Any, base: str, captions: list[str], first: int) -> tuple[Tensor, Tensor]:
+    """The base's samples of `captions` (its own sampling settings), labelled first + the caption's index."""
+    pipe = _replay_pipeline(c, base, f"{len(captions)} base captions")
+    samples = pipe.generate(prompts=captions, n_per_class=c.replay_per_class, seed=c.seed, progress=False)
+    return samples.images.float().clamp(-1, 1), samples.labels.long() + first
 
 
 def finetune_kind(c: Any, kind: Any) -> Any:

@@ -26,7 +26,7 @@ def test_a_model_samples_as_its_kind_and_anything_else_as_an_image_run():
 
 
 def test_each_kind_checks_its_own_outputs_and_inputs():
-    run = SimpleNamespace(model=SimpleNamespace(num_frames=5), num_classes=2, conditional=True, device="cpu")
+    run = SimpleNamespace(model=SimpleNamespace(num_frames=5), num_classes=2, conditional=True, device="cpu", info={})
     ImageRun().check_output("x.png")
     with pytest.raises(ValueError, match="holds an image model: write its samples to .png, a folder/ or .npz"):
         ImageRun().check_output("x.gif")

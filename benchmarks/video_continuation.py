@@ -29,9 +29,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.where(err > 0, 10 * torch.log10(4 / err.clamp_min(1e-20)), torch.full_like(err, 100.0)).mean())
 
 
-def judge(clips: torch.Tensor, labels: torch.Tensor, given: torch.Tensor | None, data: dict) -> dict[str, float]:
-    digit_size = data.get("digit_size") or max(1, clips.shape[-1] * 7 // 16)  # moving MNIST's default
-    m = evaluate_clips(clips, labels, **{k: data[k] for k in CLIP_RULE if k in data})
+def judge(clips: torch.Tensor, labels: torch.Tensor, given: torch.Tensor | None, rule: dict) -> dict[str, float]:
+    digit_size = rule.get("digit_size") or max(1, clips.shape[-1] * 7 // 16)  # moving MNIST's default
+    m = evaluate_clips(clips, labels, **rule)
     k = 0 if given is None else given.shape[2]
     classes, _ = frame_classes(load_classifier(), clips[:, :, k:], digit_size)
     m["identity"] = float((classes == labels[:, None]).float().mean())
@@ -49,9 +49,9 @@ def main() -> None:
     pipe = Pipeline.load(args.run)
     config = pipe.info.get("train_config", {})
     data = config.get("data_args", {})
+    rule = {k: data[k] for k in CLIP_RULE if k in data}  # the clips' rule, for real clips and the judge
     frames, size = int(pipe.info.get("frames") or pipe.model.num_frames), pipe.image_size[0]
     labels = torch.arange(10).repeat(args.n_per_class)  # the samples' order: every class, n_per_class times
-    rule = {k: data[k] for k in CLIP_RULE if k in data and k != "motion"}
     real = real_clips(labels, frames, size, split="heldout", seed=1, **rule)
     given = real[:, :, :1]
     rows = []
@@ -59,10 +59,10 @@ def main() -> None:
     for form in forms:
         s = pipe.generate(n_per_class=args.n_per_class, first_frame=given, frame_conditioning=form, seed=0,
                           progress=False)
-        rows.append((f"image-to-video, {form}", frames, judge(s.images, s.labels, given, data)))
+        rows.append((f"image-to-video, {form}", frames, judge(s.images, s.labels, given, rule)))
     s = pipe.generate(n_per_class=args.n_per_class, frames=args.long, seed=0, progress=False)
     rows.append((f"{args.long} frames by extension ({s.settings.get('frame_conditioning', 'one window')})",
-                 args.long, judge(s.images, s.labels, None, data)))
+                 args.long, judge(s.images, s.labels, None, rule)))
     table = Table(["clips", "frames", "first frame", "identity", "consistency", "motion (every step)",
                    "motion (>= 80% of steps)", "FD ratio"], args.markdown)
     for name, f, m in rows:

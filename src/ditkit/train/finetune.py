@@ -166,7 +166,8 @@ def with_caption_replay(c: Any, data: ImageDataset, base_captions: list[str], ba
     """A text run's `data` plus replay_per_class samples of each of the base's training captions that the
     data lacks, drawn from the base with those captions (prior preservation for a new caption word); the
     captions join the data's class names."""
-    wanted = [t for t in base_captions if t not in set(data.captions or [])]
+    have = set(data.captions)
+    wanted = [t for t in base_captions if t not in have]
     if not wanted:
         return data
     first = len(data.class_names)
